@@ -1,0 +1,556 @@
+//! The worker side: register metrics and update them from any thread, lock-free.
+//!
+//! A [`Registry`] owns one file in the multiproc directory (or private memory when none is
+//! configured, so an application runs unchanged when nobody aggregates). Registering a metric or a
+//! new label set appends a record under a short lock; the handle you get back points straight at its
+//! value slots, so updating it is one atomic instruction (two for a most-recent gauge, a
+//! compare-and-swap loop for float sums) — no syscall, no lock, no allocation. Cache handles.
+//!
+//! Fork safety is automatic: a process that registers metrics and then forks (gunicorn
+//! `preload_app`, uWSGI without `lazy-apps`, a Rust master that forks) gives each child its own file,
+//! with the same metrics and zeroed values, mapped at the same address, so handles taken before the
+//! fork keep working in the child and nothing is counted twice.
+
+mod store;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use hashbrown::{Equivalent, HashMap};
+
+use crate::error::{Error, Result};
+use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
+use store::{Store, StoreState, SCRATCH};
+
+pub use store::DEFAULT_RESERVE;
+
+/// The environment variable naming the multiproc directory.
+pub const ENV_DIR: &str = "SHMETRICS_DIR";
+
+/// Prometheus' default histogram buckets (seconds).
+pub const DEFAULT_BUCKETS: [f64; 11] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Per-metric registry data, kept under the store lock.
+#[derive(Default)]
+pub(crate) struct RegistryState {
+    metrics: Vec<MetricEntry>,
+    by_name: std::collections::HashMap<String, u32>,
+}
+
+struct MetricEntry {
+    desc: MetricDesc,
+    /// Bucket bounds with `'static` lifetime for histogram handles (leaked once per metric).
+    bounds: &'static [f64],
+    /// Whether the METRIC record made it into the file; if not, every series goes to scratch.
+    published: bool,
+    /// Label values → offset of the first slot, or [`NO_ROOM`].
+    children: HashMap<Box<[String]>, u64>,
+}
+
+/// Child offset of a series that could not be registered (its handle writes to scratch).
+const NO_ROOM: u64 = u64::MAX;
+
+/// Looks up `Box<[String]>` keys by `&[&str]` without allocating. `[T]` hashes its length and then
+/// each element, and `String`, `&str` and `str` hash alike, so both sides hash identically.
+struct LabelsRef<'a>(&'a [&'a str]);
+
+impl Hash for LabelsRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl Equivalent<Box<[String]>> for LabelsRef<'_> {
+    fn equivalent(&self, key: &Box<[String]>) -> bool {
+        self.0.len() == key.len() && self.0.iter().zip(key.iter()).all(|(a, b)| *a == b)
+    }
+}
+
+/// A process's metrics: one file in the multiproc directory, or private memory.
+///
+/// Cheap to copy around; the underlying store lives until the process exits.
+#[derive(Clone, Copy)]
+pub struct Registry {
+    store: Option<&'static Store>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("path", &self.path()).finish()
+    }
+}
+
+static GLOBAL: OnceLock<Registry> = OnceLock::new();
+
+impl Registry {
+    /// The process-wide registry: a file in `$SHMETRICS_DIR` if that is set, private memory if not.
+    ///
+    /// If the directory cannot be used (missing, no permission, disk full) the error is logged
+    /// through `tracing` and the registry falls back to private memory: the application keeps
+    /// running, its metrics are just not aggregated.
+    pub fn global() -> &'static Registry {
+        GLOBAL.get_or_init(|| match std::env::var_os(ENV_DIR) {
+            Some(dir) if !dir.is_empty() => Registry::open(&dir).unwrap_or_else(|e| {
+                tracing::error!("shmetrics: {e}; metrics of this process will not be aggregated");
+                Registry::in_process()
+            }),
+            _ => Registry::in_process(),
+        })
+    }
+
+    /// A registry writing a new file in `dir`, reserving [`DEFAULT_RESERVE`] bytes of address space.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Registry> {
+        Registry::open_with_reserve(dir, DEFAULT_RESERVE)
+    }
+
+    /// Like [`Registry::open`] with an explicit reserve: the most bytes the file can grow to.
+    /// Registrations beyond it are dropped and counted (see [`Registry::dropped_series`]).
+    pub fn open_with_reserve(dir: impl AsRef<Path>, reserve: u64) -> Result<Registry> {
+        let dir = dir.as_ref();
+        let store = Store::open(Some(dir), reserve).map_err(|e| Error::io(dir, e))?;
+        Ok(Registry { store: Some(store) })
+    }
+
+    /// A registry in private memory: everything works, nothing is exported.
+    pub fn in_process() -> Registry {
+        let store = Store::open(None, DEFAULT_RESERVE)
+            .or_else(|_| Store::open(None, 1 << 20))
+            .map_err(|e| tracing::error!("shmetrics: cannot map memory for metrics: {e}"))
+            .ok();
+        Registry { store }
+    }
+
+    /// The file this registry writes (`None` for private memory). Changes after `fork`.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.store.and_then(Store::path)
+    }
+
+    /// Declares this process ready (or not) to serve; the aggregator's health check reads it.
+    pub fn set_ready(&self, ready: bool) {
+        if let Some(s) = self.store {
+            let flags = s.header_atomic(header::FLAGS);
+            if ready {
+                flags.fetch_or(layout::flags::READY, Ordering::Release);
+            } else {
+                flags.fetch_and(!layout::flags::READY, Ordering::Release);
+            }
+        }
+    }
+
+    /// Series that could not be registered because the file or the disk was full.
+    pub fn dropped_series(&self) -> u64 {
+        self.store.map_or(0, |s| s.header_atomic(header::DROPPED_SERIES).load(Ordering::Relaxed))
+    }
+
+    /// Updates that went nowhere because their series could not be registered.
+    pub fn dropped_updates(&self) -> u64 {
+        self.store.map_or(0, |s| s.header_atomic(header::DROPPED_UPDATES).load(Ordering::Relaxed))
+    }
+
+    /// Why the registry is writing to private memory although a directory was given, if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.store.and_then(|s| s.lock().degraded.clone())
+    }
+
+    fn register(&self, desc: MetricDesc) -> Result<u32> {
+        layout::validate_desc(&desc)?;
+        let Some(store) = self.store else { return Ok(0) };
+        let mut st = store.lock();
+        if let Some(&id) = st.registry.by_name.get(&desc.name) {
+            let existing = &st.registry.metrics[id as usize].desc;
+            if *existing != desc {
+                return Err(Error::Conflict {
+                    name: desc.name.clone(),
+                    existing: describe(existing),
+                    requested: describe(&desc),
+                });
+            }
+            return Ok(id);
+        }
+        let id = st.registry.metrics.len() as u32;
+        let record = layout::encode_metric(id, &desc);
+        // A metric that finds no room still gets an entry, so its series become scratch handles.
+        let published = store.append(&mut st, &record).is_some();
+        if !published {
+            store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
+        }
+        let bounds: &'static [f64] = Box::leak(desc.buckets.clone().into_boxed_slice());
+        st.registry.by_name.insert(desc.name.clone(), id);
+        st.registry.metrics.push(MetricEntry {
+            desc,
+            bounds,
+            published,
+            children: HashMap::new(),
+        });
+        Ok(id)
+    }
+
+    fn family<M: Metric>(&self, desc: MetricDesc) -> Result<Family<M>> {
+        let n_labels = desc.label_names.len();
+        let name = desc.name.clone();
+        let id = self.register(desc)?;
+        Ok(Family {
+            registry: *self,
+            id,
+            n_labels,
+            name,
+            _m: std::marker::PhantomData,
+        })
+    }
+
+    /// A counter family (u64) with the given label names. A trailing `_total` in `name` is
+    /// dropped: the exposition adds it.
+    pub fn counter_family(&self, name: &str, help: &str, labels: &[&str]) -> Result<Family<Counter>> {
+        self.family(desc(counter_name(name), help, MetricType::Counter, ValueType::U64, None, labels, &[]))
+    }
+
+    /// An unlabelled counter (u64).
+    pub fn counter(&self, name: &str, help: &str) -> Result<Counter> {
+        self.counter_family(name, help, &[])?.with_labels(&[])
+    }
+
+    /// A float counter family.
+    pub fn counter_f64_family(&self, name: &str, help: &str, labels: &[&str]) -> Result<Family<CounterF64>> {
+        self.family(desc(counter_name(name), help, MetricType::Counter, ValueType::F64, None, labels, &[]))
+    }
+
+    /// An unlabelled float counter.
+    pub fn counter_f64(&self, name: &str, help: &str) -> Result<CounterF64> {
+        self.counter_f64_family(name, help, &[])?.with_labels(&[])
+    }
+
+    /// A gauge family merged across processes by `mode`.
+    pub fn gauge_family(&self, name: &str, help: &str, mode: GaugeMode, labels: &[&str]) -> Result<Family<Gauge>> {
+        self.family(desc(name, help, MetricType::Gauge, ValueType::F64, Some(mode), labels, &[]))
+    }
+
+    /// An unlabelled gauge merged across processes by `mode`.
+    pub fn gauge(&self, name: &str, help: &str, mode: GaugeMode) -> Result<Gauge> {
+        self.gauge_family(name, help, mode, &[])?.with_labels(&[])
+    }
+
+    /// A histogram family with the given finite bucket bounds (`+Inf` is implied).
+    pub fn histogram_family(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> Result<Family<Histogram>> {
+        self.family(desc(name, help, MetricType::Histogram, ValueType::F64, None, labels, buckets))
+    }
+
+    /// An unlabelled histogram.
+    pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram> {
+        self.histogram_family(name, help, buckets, &[])?.with_labels(&[])
+    }
+
+    /// Finds or creates the series `values` of metric `id`; returns its slots and bucket bounds.
+    fn child(&self, id: u32, values: &[&str]) -> Result<(Slots, &'static [f64])> {
+        let Some(store) = self.store else {
+            return Ok((Slots::scratch(None, SCRATCH.len()), &[]));
+        };
+        let mut guard = store.lock();
+        let st: &mut StoreState = &mut guard;
+        let unknown = || Error::Corrupt(format!("unknown metric id {id}"));
+        let entry = st.registry.metrics.get(id as usize).ok_or_else(unknown)?;
+        let (bounds, n_slots) = (entry.bounds, entry.desc.slots());
+        let off = match entry.children.get(&LabelsRef(values)).copied() {
+            Some(off) => off,
+            None => {
+                if values.iter().any(|v| v.len() > layout::MAX_STRING) {
+                    return Err(Error::InvalidLabelValue(entry.desc.name.clone()));
+                }
+                let off = if entry.published {
+                    let (record, slots_offset) = layout::encode_series(id, values, n_slots);
+                    store.append(st, &record).map(|rec| rec + slots_offset as u64)
+                } else {
+                    None
+                };
+                let off = off.unwrap_or_else(|| {
+                    store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
+                    NO_ROOM
+                });
+                let key: Box<[String]> = values.iter().map(|v| (*v).to_owned()).collect();
+                if let Some(e) = st.registry.metrics.get_mut(id as usize) {
+                    e.children.insert(key, off);
+                }
+                off
+            }
+        };
+        let slots = match store.region.atomics(off, n_slots) {
+            Some(values) if off != NO_ROOM => Slots { values, dropped: None },
+            _ => Slots::scratch(Some(store.header_atomic(header::DROPPED_UPDATES)), n_slots),
+        };
+        Ok((slots, bounds))
+    }
+}
+
+fn counter_name(name: &str) -> &str {
+    name.strip_suffix("_total").filter(|n| !n.is_empty()).unwrap_or(name)
+}
+
+fn desc(name: &str, help: &str, t: MetricType, v: ValueType, mode: Option<GaugeMode>, labels: &[&str], buckets: &[f64]) -> MetricDesc {
+    MetricDesc {
+        name: name.to_owned(),
+        help: help.to_owned(),
+        metric_type: t,
+        value_type: v,
+        gauge_mode: mode,
+        label_names: labels.iter().map(|l| (*l).to_owned()).collect(),
+        buckets: buckets.to_vec(),
+    }
+}
+
+fn describe(d: &MetricDesc) -> String {
+    let mut s = d.metric_type.as_str().to_owned();
+    if d.metric_type == MetricType::Counter && d.value_type == ValueType::F64 {
+        s.push_str(" (f64)");
+    }
+    if let Some(m) = d.gauge_mode {
+        s.push_str(&format!(" (mode {})", m.as_str()));
+    }
+    s.push_str(&format!(" with labels {:?}", d.label_names));
+    if !d.buckets.is_empty() {
+        s.push_str(&format!(" and buckets {:?}", d.buckets));
+    }
+    if !d.help.is_empty() {
+        s.push_str(&format!(" and help {:?}", d.help));
+    }
+    s
+}
+
+/// The value slots of one series, plus where to count updates when it is a scratch series.
+#[derive(Clone, Copy)]
+struct Slots {
+    values: &'static [AtomicU64],
+    dropped: Option<&'static AtomicU64>,
+}
+
+impl Slots {
+    fn scratch(dropped: Option<&'static AtomicU64>, n: usize) -> Slots {
+        Slots {
+            values: &SCRATCH[..n.min(SCRATCH.len())],
+            dropped,
+        }
+    }
+    #[inline]
+    fn count_drop(&self) {
+        if let Some(d) = self.dropped {
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[inline]
+fn add_f64(a: &AtomicU64, v: f64) {
+    let mut cur = a.load(Ordering::Relaxed);
+    loop {
+        let new = (f64::from_bits(cur) + v).to_bits();
+        match a.compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(x) => cur = x,
+        }
+    }
+}
+
+/// A metric handle type that a [`Family`] hands out.
+pub trait Metric: Sized + private::Sealed {
+    #[doc(hidden)]
+    fn from_parts(slots: SlotsPub, bounds: &'static [f64]) -> Self;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::Counter {}
+    impl Sealed for super::CounterF64 {}
+    impl Sealed for super::Gauge {}
+    impl Sealed for super::Histogram {}
+}
+
+/// Opaque slot bundle passed to [`Metric::from_parts`].
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct SlotsPub(Slots);
+
+/// A metric with labels; [`Family::with_labels`] returns the handle of one label set.
+pub struct Family<M> {
+    registry: Registry,
+    id: u32,
+    n_labels: usize,
+    name: String,
+    _m: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M> Clone for Family<M> {
+    fn clone(&self) -> Self {
+        Family {
+            registry: self.registry,
+            id: self.id,
+            n_labels: self.n_labels,
+            name: self.name.clone(),
+            _m: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<M> std::fmt::Debug for Family<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Family").field("name", &self.name).finish()
+    }
+}
+
+impl<M: Metric> Family<M> {
+    /// The handle of the series with these label values (in label-name order), creating it on
+    /// first use. Cache the handle where you can: the lookup takes the registry's lock.
+    pub fn with_labels(&self, values: &[&str]) -> Result<M> {
+        if values.len() != self.n_labels {
+            return Err(Error::LabelCount {
+                metric: self.name.clone(),
+                expected: self.n_labels,
+                got: values.len(),
+            });
+        }
+        let (slots, bounds) = self.registry.child(self.id, values)?;
+        Ok(M::from_parts(SlotsPub(slots), bounds))
+    }
+}
+
+/// A monotonic u64 counter.
+#[derive(Clone, Copy)]
+pub struct Counter(Slots);
+
+impl Counter {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+    /// Adds `v`.
+    #[inline]
+    pub fn inc_by(&self, v: u64) {
+        self.0.values[0].fetch_add(v, Ordering::Relaxed);
+        self.0.count_drop();
+    }
+    /// This process's value.
+    pub fn get(&self) -> u64 {
+        self.0.values[0].load(Ordering::Relaxed)
+    }
+}
+
+/// A monotonic f64 counter.
+#[derive(Clone, Copy)]
+pub struct CounterF64(Slots);
+
+impl CounterF64 {
+    /// Adds `v`. Negative and NaN increments are ignored: a counter never goes down.
+    #[inline]
+    pub fn inc_by(&self, v: f64) {
+        if v >= 0.0 {
+            add_f64(&self.0.values[0], v);
+            self.0.count_drop();
+        }
+    }
+    /// This process's value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.values[0].load(Ordering::Relaxed))
+    }
+}
+
+/// A gauge (f64).
+#[derive(Clone, Copy)]
+pub struct Gauge(Slots);
+
+impl Gauge {
+    #[inline]
+    fn stamp(&self) {
+        if let Some(ts) = self.0.values.get(1) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            ts.store(now, Ordering::Release);
+        }
+        self.0.count_drop();
+    }
+    /// Sets the value.
+    #[inline]
+    pub fn set(&self, v: f64) {
+        self.0.values[0].store(v.to_bits(), Ordering::Relaxed);
+        self.stamp();
+    }
+    /// Adds `v` (may be negative).
+    #[inline]
+    pub fn add(&self, v: f64) {
+        add_f64(&self.0.values[0], v);
+        self.stamp();
+    }
+    /// Subtracts `v`.
+    #[inline]
+    pub fn sub(&self, v: f64) {
+        self.add(-v);
+    }
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1.0);
+    }
+    /// Subtracts one.
+    #[inline]
+    pub fn dec(&self) {
+        self.add(-1.0);
+    }
+    /// This process's value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.values[0].load(Ordering::Relaxed))
+    }
+}
+
+/// A histogram: observations counted into fixed buckets, plus their sum.
+#[derive(Clone, Copy)]
+pub struct Histogram {
+    slots: Slots,
+    bounds: &'static [f64],
+}
+
+impl Histogram {
+    /// Records one observation. NaN is counted in the `+Inf` bucket and added to the sum, as
+    /// Prometheus clients do.
+    #[inline]
+    pub fn observe(&self, v: f64) {
+        let i = if self.bounds.len() <= 16 {
+            self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len())
+        } else {
+            self.bounds.partition_point(|b| *b < v)
+        };
+        let n = self.slots.values.len();
+        if let (Some(bucket), Some(sum)) = (self.slots.values.get(i), self.slots.values.get(n - 1)) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+            add_f64(sum, v);
+        }
+        self.slots.count_drop();
+    }
+    /// This process's (observation count, sum).
+    pub fn get(&self) -> (u64, f64) {
+        let n = self.slots.values.len();
+        let count = self.slots.values[..n - 1].iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        (count, f64::from_bits(self.slots.values[n - 1].load(Ordering::Relaxed)))
+    }
+}
+
+impl Metric for Counter {
+    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
+        Counter(s.0)
+    }
+}
+impl Metric for CounterF64 {
+    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
+        CounterF64(s.0)
+    }
+}
+impl Metric for Gauge {
+    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
+        Gauge(s.0)
+    }
+}
+impl Metric for Histogram {
+    fn from_parts(s: SlotsPub, bounds: &'static [f64]) -> Self {
+        Histogram { slots: s.0, bounds }
+    }
+}

@@ -1,0 +1,342 @@
+//! One process's file: creating it, appending records, and moving to a new file after `fork`.
+//!
+//! Lifecycle of a file, as `shm-layout.md` specifies it:
+//! 1. create `.w-<pid>-<id>.tmp` with `O_EXCL`, take an exclusive `flock` on it, allocate 64 KiB,
+//!    write the header, then rename it to `w-<pid>-<id>.shm`. The aggregator ignores temp names, so
+//!    it never sees a published file whose writer does not hold the lock yet.
+//! 2. append records under the registration lock: grow the file with `posix_fallocate` (which fails
+//!    with ENOSPC instead of raising SIGBUS later), copy the record in, release-store `used`.
+//! 3. on `fork`, the child repeats step 1 with a copy of the parent's records and zeroed slots, and
+//!    maps it over the parent's mapping at the same address.
+//! 4. on a normal exit, set the clean-exit flag. The lock goes away with the process, however it dies;
+//!    that is how the aggregator knows the writer is gone, even across pid reuse and pid namespaces.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Once, PoisonError};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::layout::{self, header, region::Region, HEADER_SIZE};
+
+/// Bytes of address space a writer reserves by default (the most its file can grow to).
+pub const DEFAULT_RESERVE: u64 = 1 << 30;
+/// Initial file size.
+const INITIAL_SIZE: u64 = 64 * 1024;
+/// Largest single growth step.
+const MAX_GROWTH: u64 = 8 << 20;
+
+/// Where a store's records live.
+enum Backing {
+    /// A published file in a multiproc directory, locked for the process's lifetime.
+    File {
+        dir: PathBuf,
+        lock: Flock<File>,
+        file_id: [u8; 16],
+    },
+    /// Private memory: no directory configured, or the file could not be created.
+    Memory,
+}
+
+/// The mutable part of a store, behind its registration lock.
+pub(crate) struct StoreState {
+    backing: Backing,
+    /// Mirror of the header's `used`.
+    used: u64,
+    /// Bytes allocated in the file (or the reserve, for memory).
+    size: u64,
+    /// Pid of the process this state belongs to.
+    pid: u64,
+    /// The last error that forced the store into memory, for diagnostics.
+    pub(crate) degraded: Option<String>,
+    /// Registry data (metric table); lives under the same lock so fork sees it consistent.
+    pub(crate) registry: super::RegistryState,
+}
+
+/// A writer's mapping plus its state. Leaked for the life of the process (see [`Store::leak`]).
+pub(crate) struct Store {
+    pub(crate) region: Region,
+    reserve: u64,
+    state: Mutex<StoreState>,
+}
+
+/// Every store of this process, for the fork and exit hooks.
+static STORES: Mutex<Vec<&'static Store>> = Mutex::new(Vec::new());
+static HOOKS: Once = Once::new();
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// Creates, locks, sizes and publishes a new file holding `records` after a fresh header.
+fn create_file(
+    dir: &Path,
+    pid: u64,
+    parent_pid: u64,
+    reserve: u64,
+    records: &[u8],
+) -> io::Result<(Flock<File>, [u8; 16], u64)> {
+    let file_id = layout::region::random_id();
+    let name = layout::file_name(pid, &file_id);
+    let mut tmp = OsString::from(".").into_vec();
+    tmp.extend_from_slice(name.as_bytes());
+    tmp.extend_from_slice(b".tmp");
+    let tmp_path = dir.join(OsString::from_vec(tmp));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&tmp_path)?;
+    let result = (|| {
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
+        let used = HEADER_SIZE + records.len() as u64;
+        let size = round_up(used.max(INITIAL_SIZE), INITIAL_SIZE);
+        if size > reserve {
+            return Err(io::Error::other("records do not fit in the reserve"));
+        }
+        nix::fcntl::posix_fallocate(lock.as_fd(), 0, size as i64).map_err(io::Error::from)?;
+        let mut head = layout::encode_header(pid, parent_pid, now_ns(), file_id, reserve);
+        head[header::USED as usize..header::USED as usize + 8].copy_from_slice(&used.to_le_bytes());
+        lock.write_all_at(records, HEADER_SIZE)?;
+        lock.write_all_at(&head, 0)?;
+        std::fs::rename(&tmp_path, dir.join(&name))?;
+        Ok((lock, file_id, size))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    result
+}
+
+impl Store {
+    /// Opens a new store in `dir` (creating its file now) or, with `None`, in private memory.
+    pub(crate) fn open(dir: Option<&Path>, reserve: u64) -> io::Result<&'static Store> {
+        let reserve = round_up(reserve.max(2 * INITIAL_SIZE), INITIAL_SIZE);
+        let pid = u64::from(std::process::id());
+        let (backing, region, size) = match dir {
+            Some(dir) => {
+                let (lock, file_id, size) = create_file(dir, pid, 0, reserve, &[])?;
+                let region = Region::map_file(lock.as_fd(), reserve as usize, true)?;
+                let backing = Backing::File {
+                    dir: dir.to_path_buf(),
+                    lock,
+                    file_id,
+                };
+                (backing, region, size)
+            }
+            None => {
+                let region = Region::anonymous(reserve as usize)?;
+                let head = layout::encode_header(pid, 0, now_ns(), [0; 16], reserve);
+                region.write_bytes(0, &head)?;
+                (Backing::Memory, region, reserve)
+            }
+        };
+        let store = Store {
+            region,
+            reserve,
+            state: Mutex::new(StoreState {
+                backing,
+                used: HEADER_SIZE,
+                size,
+                pid,
+                degraded: None,
+                registry: super::RegistryState::default(),
+            }),
+        };
+        Ok(Store::leak(store))
+    }
+
+    /// Leaks the store so handles can point into it for the rest of the process, and registers it
+    /// with the fork and exit hooks.
+    fn leak(store: Store) -> &'static Store {
+        let store: &'static Store = Box::leak(Box::new(store));
+        HOOKS.call_once(|| {
+            // If registration fails we can only lose fork-safety, not correctness of this process.
+            if let Err(e) = layout::region::register_fork_handlers(prepare, parent, child) {
+                tracing::warn!("shmetrics: cannot register fork handlers: {e}");
+            }
+            if let Err(e) = layout::region::register_exit_handler(at_exit) {
+                tracing::warn!("shmetrics: cannot register exit handler: {e}");
+            }
+        });
+        lock(&STORES).push(store);
+        store
+    }
+
+    /// Locks the store's state.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, StoreState> {
+        lock(&self.state)
+    }
+
+    /// The header atomic at `off`. Header offsets are constants inside the first page.
+    pub(crate) fn header_atomic(&self, off: u64) -> &AtomicU64 {
+        self.region.atomic(off).unwrap_or(&SCRATCH[0])
+    }
+
+    /// The file this store writes, if any.
+    pub(crate) fn path(&self) -> Option<PathBuf> {
+        let st = self.lock();
+        match &st.backing {
+            Backing::File { dir, file_id, .. } => Some(dir.join(layout::file_name(st.pid, file_id))),
+            Backing::Memory => None,
+        }
+    }
+
+    /// Appends a record and publishes it; returns its offset, or `None` when the file (or the disk)
+    /// is full — the caller then hands out a scratch handle and counts the drop.
+    pub(crate) fn append(&self, st: &mut StoreState, record: &[u8]) -> Option<u64> {
+        let off = st.used;
+        let need = off.checked_add(record.len() as u64)?;
+        if need > self.reserve {
+            return None;
+        }
+        if need > st.size {
+            let grow = st.size.min(MAX_GROWTH);
+            let new_size = round_up(need.max(st.size + grow), INITIAL_SIZE).min(self.reserve);
+            if let Backing::File { lock, .. } = &st.backing {
+                let len = (new_size - st.size) as i64;
+                if nix::fcntl::posix_fallocate(lock.as_fd(), st.size as i64, len).is_err() {
+                    return None;
+                }
+            }
+            st.size = new_size;
+        }
+        self.region.write_bytes(off, record).ok()?;
+        st.used = need;
+        // The release store publishes the record bytes written above to every reader that loads
+        // `used` with acquire ordering.
+        self.header_atomic(header::USED).store(need, Ordering::Release);
+        Some(off)
+    }
+
+    /// Moves this store onto a new file after `fork` (we are the child; the state lock is held by
+    /// the prepare hook, so `st` is consistent and no other thread exists).
+    fn after_fork(&self, st: &mut StoreState) {
+        let parent_pid = st.pid;
+        st.pid = u64::from(std::process::id());
+        let Backing::File { dir, .. } = &st.backing else {
+            return; // private memory is copied by fork; nothing is shared
+        };
+        let dir = dir.clone();
+        let mut records = Vec::new();
+        let copied = self.region.copy_out(HEADER_SIZE, (st.used - HEADER_SIZE) as usize, &mut records);
+        let moved = copied.and_then(|()| {
+            let (lock, file_id, size) = create_file(&dir, st.pid, parent_pid, self.reserve, &records)?;
+            self.region.remap_fixed(Some(lock.as_fd()))?;
+            Ok((lock, file_id, size))
+        });
+        match moved {
+            Ok((lock, file_id, size)) => {
+                // Dropping the parent's Flock<File> closes our copy of its descriptor; the parent
+                // keeps its own, so its lock stays held.
+                st.backing = Backing::File { dir, lock, file_id };
+                st.size = size;
+            }
+            Err(e) => {
+                // Keep the application running on private memory: handles stay valid, values are
+                // not exported. The records must be put back, since the remap may have replaced
+                // them with zeros.
+                let _ = self.region.remap_fixed(None);
+                let head = layout::encode_header(st.pid, parent_pid, now_ns(), [0; 16], self.reserve);
+                let _ = self.region.write_bytes(0, &head);
+                let _ = self.region.write_bytes(HEADER_SIZE, &records);
+                self.header_atomic(header::USED).store(st.used, Ordering::Release);
+                st.backing = Backing::Memory;
+                st.size = self.reserve;
+                st.degraded = Some(format!("after fork: {e}"));
+            }
+        }
+        self.zero_slots(st.used);
+    }
+
+    /// Zeroes every value slot of the records in `[HEADER_SIZE, used)` (a forked child starts from
+    /// zero so its parent's values are not counted twice).
+    fn zero_slots(&self, used: u64) {
+        let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let mut off = HEADER_SIZE;
+        let mut head = Vec::with_capacity(layout::SERIES_FIXED);
+        while off + layout::RECORD_HEADER as u64 <= used {
+            let n = layout::SERIES_FIXED.min((used - off) as usize);
+            if self.region.copy_out(off, n, &mut head).is_err() {
+                return;
+            }
+            let len = u64::from(le32(&head, 0));
+            if len < layout::RECORD_HEADER as u64 || len % 8 != 0 {
+                return;
+            }
+            let kind = u16::from_le_bytes([head[4], head[5]]);
+            if kind == layout::kind::SERIES && head.len() == layout::SERIES_FIXED {
+                let (slots, slots_off) = (u64::from(le32(&head, 12)), u64::from(le32(&head, 16)));
+                for a in self.region.atomics(off + slots_off, slots as usize).unwrap_or(&[]) {
+                    a.store(0, Ordering::Relaxed);
+                }
+            }
+            off += len;
+        }
+    }
+}
+
+/// Where handles of series that could not be registered (file or disk full) write. Never read.
+pub(crate) static SCRATCH: [AtomicU64; layout::MAX_BUCKETS + 2] =
+    [const { AtomicU64::new(0) }; layout::MAX_BUCKETS + 2];
+
+thread_local! {
+    /// The locks `prepare` took, handed to `parent`/`child` (same thread, by POSIX).
+    static HELD: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+struct Held {
+    _list: MutexGuard<'static, Vec<&'static Store>>,
+    states: Vec<(&'static Store, MutexGuard<'static, StoreState>)>,
+}
+
+/// Locks a mutex, ignoring poisoning (a panic elsewhere must not stop metrics).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+extern "C" fn prepare() {
+    // Take the store list and every store's lock, so that at the instant of fork no other thread is
+    // half-way through a registration: the child then sees every store in a consistent state.
+    let list = lock(&STORES);
+    let states = list.iter().map(|s| (*s, lock(&s.state))).collect();
+    HELD.with(|h| *h.borrow_mut() = Some(Held { _list: list, states }));
+}
+
+extern "C" fn parent() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+extern "C" fn child() {
+    HELD.with(|h| {
+        if let Some(mut held) = h.borrow_mut().take() {
+            for (store, st) in &mut held.states {
+                store.after_fork(st);
+            }
+        }
+    });
+}
+
+extern "C" fn at_exit() {
+    // A normal exit: mark every file clean. try_lock, because exit may run while another thread
+    // holds the list (that thread's process is going away anyway and we skip the flag).
+    if let Ok(stores) = STORES.try_lock() {
+        for s in stores.iter() {
+            s.header_atomic(header::FLAGS).fetch_or(layout::flags::CLEAN_EXIT, Ordering::Release);
+        }
+    }
+}
