@@ -437,7 +437,7 @@ pub fn record_len(buf: &[u8]) -> Result<usize, Error> {
         return Err(corrupt("a record header runs past `used`"));
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len < RECORD_HEADER || len % 8 != 0 || len > buf.len() {
+    if len < RECORD_HEADER || !len.is_multiple_of(8) || len > buf.len() {
         return Err(corrupt("a record length is not a multiple of 8 inside `used`"));
     }
     Ok(len)
@@ -453,8 +453,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
     match kind {
         kind::METRIC => {
             let id = c.u32()?;
-            let metric_type =
-                MetricType::from_code(c.u8()?).ok_or_else(|| corrupt("unknown metric type"))?;
+            let metric_type = MetricType::from_code(c.u8()?).ok_or_else(|| corrupt("unknown metric type"))?;
             let value_type = match c.u8()? {
                 0 => ValueType::U64,
                 1 => ValueType::F64,
@@ -486,15 +485,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
             for _ in 0..n_buckets {
                 buckets.push(c.f64()?);
             }
-            let desc = MetricDesc {
-                name,
-                help,
-                metric_type,
-                value_type,
-                gauge_mode,
-                label_names,
-                buckets,
-            };
+            let desc = MetricDesc { name, help, metric_type, value_type, gauge_mode, label_names, buckets };
             validate_desc(&desc)?;
             Ok(Record::Metric { id, desc })
         }
@@ -517,12 +508,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
             {
                 return Err(corrupt("value slots run past the end of their record"));
             }
-            Ok(Record::Series {
-                metric_id,
-                label_values,
-                slots,
-                slots_offset,
-            })
+            Ok(Record::Series { metric_id, label_values, slots, slots_offset })
         }
         _ => Ok(Record::Unknown),
     }
@@ -537,15 +523,11 @@ pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
         return Err(Error::InvalidName(format!("{}: help text over 64 KiB", d.name)));
     }
     if d.label_names.len() > MAX_LABELS {
-        return Err(Error::InvalidLabelName(format!(
-            "{}: more than {MAX_LABELS} labels",
-            d.name
-        )));
+        return Err(Error::InvalidLabelName(format!("{}: more than {MAX_LABELS} labels", d.name)));
     }
     for (i, l) in d.label_names.iter().enumerate() {
         let reserved = l == "pid" && d.gauge_mode.is_some_and(GaugeMode::per_process);
-        if !valid_label_name(l) || reserved || (l == "le" && d.metric_type == MetricType::Histogram)
-        {
+        if !valid_label_name(l) || reserved || (l == "le" && d.metric_type == MetricType::Histogram) {
             return Err(Error::InvalidLabelName(format!("{}: {l:?}", d.name)));
         }
         if d.label_names[..i].contains(l) {
@@ -596,7 +578,13 @@ pub struct Header {
 }
 
 /// Builds the bytes of a fresh header (`used` = [`HEADER_SIZE`], flags clear).
-pub fn encode_header(pid: u64, parent_pid: u64, start_time_ns: u64, file_id: [u8; 16], reserve: u64) -> [u8; header::END as usize] {
+pub fn encode_header(
+    pid: u64,
+    parent_pid: u64,
+    start_time_ns: u64,
+    file_id: [u8; 16],
+    reserve: u64,
+) -> [u8; header::END as usize] {
     let mut h = [0u8; header::END as usize];
     let mut put = |off: u64, b: &[u8]| h[off as usize..off as usize + b.len()].copy_from_slice(b);
     put(header::MAGIC, &MAGIC);
@@ -688,7 +676,9 @@ mod tests {
         );
         let (rec, off) = encode_series(0, &[], 1);
         assert_eq!((rec.len(), off), (32, 24));
-        assert!(matches!(decode_record(&rec).unwrap(), Record::Series { ref label_values, .. } if label_values.is_empty()));
+        assert!(
+            matches!(decode_record(&rec).unwrap(), Record::Series { ref label_values, .. } if label_values.is_empty())
+        );
     }
 
     #[test]

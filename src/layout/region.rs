@@ -87,23 +87,13 @@ impl Region {
     pub fn remap_fixed(&self, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let (flags, raw) = match fd {
             Some(fd) => (libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED, fd.as_raw_fd()),
-            None => (
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-            ),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED, -1),
         };
         // SAFETY: MAP_FIXED replaces exactly the range this Region owns, atomically; no other
         // Rust object lives in it, and all references into it are to atomics (whose addresses stay
         // valid, now backed by the new file) or to the Region itself.
         let ret = unsafe {
-            libc::mmap(
-                self.base.as_ptr().cast(),
-                self.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                raw,
-                0,
-            )
+            libc::mmap(self.base.as_ptr().cast(), self.len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0)
         };
         let got = check(ret)?;
         if got != self.base {
@@ -158,9 +148,7 @@ impl Region {
         }
         // SAFETY: bounds checked above; source is a distinct Rust slice so they do not overlap; see
         // the doc comment for why no one else accesses the destination concurrently.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(off), bytes.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(off), bytes.len()) };
         Ok(())
     }
 
@@ -288,9 +276,8 @@ pub fn random_id() -> [u8; 16] {
     if n != 16 {
         // No entropy syscall: fall back to time and pid, unique enough for a file name that is
         // also created with O_EXCL.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         id.copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
     }
     id

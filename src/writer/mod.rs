@@ -30,8 +30,7 @@ pub use store::DEFAULT_RESERVE;
 pub const ENV_DIR: &str = "SHMETRICS_DIR";
 
 /// Prometheus' default histogram buckets (seconds).
-pub const DEFAULT_BUCKETS: [f64; 11] =
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Per-metric registry data, kept under the store lock.
 #[derive(Default)]
@@ -179,12 +178,7 @@ impl Registry {
         }
         let bounds: &'static [f64] = Box::leak(desc.buckets.clone().into_boxed_slice());
         st.registry.by_name.insert(desc.name.clone(), id);
-        st.registry.metrics.push(MetricEntry {
-            desc,
-            bounds,
-            published,
-            children: HashMap::new(),
-        });
+        st.registry.metrics.push(MetricEntry { desc, bounds, published, children: HashMap::new() });
         Ok(id)
     }
 
@@ -192,13 +186,7 @@ impl Registry {
         let n_labels = desc.label_names.len();
         let name = desc.name.clone();
         let id = self.register(desc)?;
-        Ok(Family {
-            registry: *self,
-            id,
-            n_labels,
-            name,
-            _m: std::marker::PhantomData,
-        })
+        Ok(Family { registry: *self, id, n_labels, name, _m: std::marker::PhantomData })
     }
 
     /// A counter family (u64) with the given label names. A trailing `_total` in `name` is
@@ -223,7 +211,13 @@ impl Registry {
     }
 
     /// A gauge family merged across processes by `mode`.
-    pub fn gauge_family(&self, name: &str, help: &str, mode: GaugeMode, labels: &[&str]) -> Result<Family<Gauge>> {
+    pub fn gauge_family(
+        &self,
+        name: &str,
+        help: &str,
+        mode: GaugeMode,
+        labels: &[&str],
+    ) -> Result<Family<Gauge>> {
         self.family(desc(name, help, MetricType::Gauge, ValueType::F64, Some(mode), labels, &[]))
     }
 
@@ -233,7 +227,13 @@ impl Registry {
     }
 
     /// A histogram family with the given finite bucket bounds (`+Inf` is implied).
-    pub fn histogram_family(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> Result<Family<Histogram>> {
+    pub fn histogram_family(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        labels: &[&str],
+    ) -> Result<Family<Histogram>> {
         self.family(desc(name, help, MetricType::Histogram, ValueType::F64, None, labels, buckets))
     }
 
@@ -287,7 +287,15 @@ fn counter_name(name: &str) -> &str {
     name.strip_suffix("_total").filter(|n| !n.is_empty()).unwrap_or(name)
 }
 
-fn desc(name: &str, help: &str, t: MetricType, v: ValueType, mode: Option<GaugeMode>, labels: &[&str], buckets: &[f64]) -> MetricDesc {
+fn desc(
+    name: &str,
+    help: &str,
+    t: MetricType,
+    v: ValueType,
+    mode: Option<GaugeMode>,
+    labels: &[&str],
+    buckets: &[f64],
+) -> MetricDesc {
     MetricDesc {
         name: name.to_owned(),
         help: help.to_owned(),
@@ -326,10 +334,7 @@ struct Slots {
 
 impl Slots {
     fn scratch(dropped: Option<&'static AtomicU64>, n: usize) -> Slots {
-        Slots {
-            values: &SCRATCH[..n.min(SCRATCH.len())],
-            dropped,
-        }
+        Slots { values: &SCRATCH[..n.min(SCRATCH.len())], dropped }
     }
     #[inline]
     fn count_drop(&self) {

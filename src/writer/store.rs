@@ -21,8 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, PoisonError};
 
-use nix::fcntl::{Flock, FlockArg};
-
 use crate::layout::{self, header, region::Region, HEADER_SIZE};
 
 /// Bytes of address space a writer reserves by default (the most its file can grow to).
@@ -35,11 +33,7 @@ const MAX_GROWTH: u64 = 8 << 20;
 /// Where a store's records live.
 enum Backing {
     /// A published file in a multiproc directory, locked for the process's lifetime.
-    File {
-        dir: PathBuf,
-        lock: Flock<File>,
-        file_id: [u8; 16],
-    },
+    File { dir: PathBuf, lock: File, file_id: [u8; 16] },
     /// Private memory: no directory configured, or the file could not be created.
     Memory,
 }
@@ -87,7 +81,7 @@ fn create_file(
     parent_pid: u64,
     reserve: u64,
     records: &[u8],
-) -> io::Result<(Flock<File>, [u8; 16], u64)> {
+) -> io::Result<(File, [u8; 16], u64)> {
     let file_id = layout::region::random_id();
     let name = layout::file_name(pid, &file_id);
     let mut tmp = OsString::from(".").into_vec();
@@ -102,7 +96,10 @@ fn create_file(
         .custom_flags(libc::O_CLOEXEC)
         .open(&tmp_path)?;
     let result = (|| {
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
+        // std's try_lock is flock(LOCK_EX|LOCK_NB) on Linux; the lock lives as long as any
+        // descriptor of this open file description, i.e. as long as the writer process.
+        file.try_lock().map_err(io::Error::from)?;
+        let lock = file;
         let used = HEADER_SIZE + records.len() as u64;
         let size = round_up(used.max(INITIAL_SIZE), INITIAL_SIZE);
         if size > reserve {
@@ -131,11 +128,7 @@ impl Store {
             Some(dir) => {
                 let (lock, file_id, size) = create_file(dir, pid, 0, reserve, &[])?;
                 let region = Region::map_file(lock.as_fd(), reserve as usize, true)?;
-                let backing = Backing::File {
-                    dir: dir.to_path_buf(),
-                    lock,
-                    file_id,
-                };
+                let backing = Backing::File { dir: dir.to_path_buf(), lock, file_id };
                 (backing, region, size)
             }
             None => {
@@ -241,9 +234,8 @@ impl Store {
         });
         match moved {
             Ok((lock, file_id, size)) => {
-                // Dropping the parent's Flock<File> closes our copy of its descriptor; the parent
-                // keeps its own, so its lock stays held.
-                st.backing = Backing::File { dir, lock, file_id };
+                let inherited = std::mem::replace(&mut st.backing, Backing::File { dir, lock, file_id });
+                release_inherited(inherited);
                 st.size = size;
             }
             Err(e) => {
@@ -255,7 +247,7 @@ impl Store {
                 let _ = self.region.write_bytes(0, &head);
                 let _ = self.region.write_bytes(HEADER_SIZE, &records);
                 self.header_atomic(header::USED).store(st.used, Ordering::Release);
-                st.backing = Backing::Memory;
+                release_inherited(std::mem::replace(&mut st.backing, Backing::Memory));
                 st.size = self.reserve;
                 st.degraded = Some(format!("after fork: {e}"));
             }
@@ -288,6 +280,14 @@ impl Store {
             off += len;
         }
     }
+}
+
+/// Closes a forked child's copy of its parent's file descriptor. It must *not* unlock: `flock` locks
+/// belong to the open file description, which parent and child share, so `LOCK_UN` here would
+/// release the parent's lock and make a live parent look dead. Closing one descriptor does not
+/// release the lock while the parent holds another.
+fn release_inherited(backing: Backing) {
+    drop(backing);
 }
 
 /// Where handles of series that could not be registered (file or disk full) write. Never read.

@@ -1,0 +1,345 @@
+//! A deterministic multi-process workload for integration tests.
+//!
+//! The master registers every metric and creates every series handle through
+//! [`Registry::global`] (so `SHMETRICS_DIR` decides where the files go), optionally increments the
+//! counters itself, then forks `W` workers that update the metrics by fixed amounts. Once every
+//! worker has finished writing, the master prints exactly one line on stdout and flushes it:
+//!
+//! ```text
+//! READY <pid of worker 0> <pid of worker 1> ... <pid of worker W-1>
+//! ```
+//!
+//! then reaps the workers and exits 0 (1 if a worker exited non-zero or crashed with SIGSEGV,
+//! SIGBUS, SIGABRT, SIGILL, SIGFPE, SIGSYS or SIGTRAP; a worker killed by any other signal is
+//! assumed to have been killed on purpose and is fine). Without `--hold` the workers exit (status
+//! 0) right after writing, so they may still be exiting when `READY` is printed; with `--hold`
+//! they stay alive until they get SIGTERM or SIGINT, which the master forwards to them, and then
+//! exit 0.
+//!
+//! Options: `--workers W` (4), `--series S` (10), `--histograms H` (1), `--incs K` (1),
+//! `--master-incs M` (0), `--hold`.
+//!
+//! # Expected values
+//!
+//! Worker `w` is 0-based; `i` ranges over `0..S` and `j` over `0..H`; route labels are `/r<i>`
+//! and `/h<j>` with `i`, `j` as plain integers. Let `T = W(W+1)/2` (the sum of `w+1` over workers).
+//!
+//! | metric (merge mode) | each worker writes | merged value |
+//! |---|---|---|
+//! | `wl_requests_total{route="/r<i>"}` (u64 counter) | `inc_by(K·(i+1)·(w+1))` | `M + K·(i+1)·T` |
+//! | `wl_inflight{route="/r<i>"}` (`LiveSum`) | `set((i+1)+(w+1))` | `W·(i+1) + T` while the workers live |
+//! | `wl_max{route="/r<i>"}` (`Max`) | `set((w+1)·(i+1))` | `W·(i+1)` |
+//! | `wl_all{route="/r<i>",pid}` (`LiveAll`) | `set(w+1)` | `w+1` for the pid of worker `w`, while it lives |
+//! | `wl_recent` (`LiveMostRecent`) | `set(w+1)` after sleeping `w·20` ms | `W` while the workers live |
+//! | `wl_bytes_total` (f64 counter) | `inc_by(0.5·(w+1))`, `K` times | `K·T/2` (exact in binary) |
+//! | `wl_latency_seconds{route="/h<j>"}` (histogram, buckets 0.1, 0.5, 1) | `observe(0.05·(w+1))`, `K` times | see below |
+//!
+//! For every `/h<j>`: `_count` = `K·W`; `_sum` ≈ `0.05·K·T` (float additions: compare with a
+//! tolerance); cumulative buckets `le="0.1"` = `K·min(W,2)`, `le="0.5"` = `K·min(W,10)`,
+//! `le="1"` = `K·min(W,20)`, `le="+Inf"` = `K·W` (`0.05·k` in f64 is `<= 0.1`, `<= 0.5`, `<= 1.0`
+//! exactly for `k <= 2`, `k <= 10`, `k <= 20`).
+//!
+//! The master's own file holds every series too (it created the handles before forking) with value
+//! 0, except the counters, which hold `M`; it never sets `wl_recent`. So a live-mode gauge may also
+//! show the master: `wl_all` can have a series for the master's pid with value 0, and once the
+//! workers have exited `wl_inflight` is 0 (only the master is live). Nothing a worker inherited from
+//! the master is counted twice: children start from zero.
+//!
+//! Run it: `mkdir -p /tmp/wl && SHMETRICS_DIR=/tmp/wl cargo run --example workload -- --workers 3`.
+//!
+//! The only `unsafe` is the `fork()` call itself (`nix::unistd::fork` is an `unsafe fn`): the master
+//! is single-threaded when it forks, which is what that function requires.
+#![deny(unsafe_code)]
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use nix::errno::Errno;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+use shmetrics::layout::GaugeMode;
+use shmetrics::writer::{Counter, CounterF64, Gauge, Histogram, Registry};
+
+#[derive(Parser, Debug)]
+#[command(about = "A deterministic multi-process shmetrics workload for integration tests")]
+struct Args {
+    /// Number of worker processes (W).
+    #[arg(long, default_value_t = 4)]
+    workers: u64,
+    /// Number of labelled series per family (S): routes /r0 .. /r<S-1>.
+    #[arg(long, default_value_t = 10)]
+    series: u64,
+    /// Number of histogram series (H): routes /h0 .. /h<H-1>.
+    #[arg(long, default_value_t = 1)]
+    histograms: u64,
+    /// Repetition factor (K).
+    #[arg(long, default_value_t = 1)]
+    incs: u64,
+    /// Amount the master adds to every wl_requests_total series before forking (M).
+    #[arg(long, default_value_t = 0)]
+    master_incs: u64,
+    /// Keep the workers alive after writing until SIGTERM/SIGINT.
+    #[arg(long)]
+    hold: bool,
+}
+
+/// Forks the process.
+#[allow(unsafe_code)]
+fn fork() -> nix::Result<ForkResult> {
+    // SAFETY: the master forks from its main thread and never starts another thread, so the child
+    // is a copy of a single-threaded process and may do anything it likes.
+    unsafe { nix::unistd::fork() }
+}
+
+/// The handles of one `/r<i>` route.
+struct Series {
+    requests: Counter,
+    inflight: Gauge,
+    max: Gauge,
+    all: Gauge,
+}
+
+/// Every handle, created in the master before forking.
+struct Handles {
+    series: Vec<Series>,
+    recent: Gauge,
+    bytes: CounterF64,
+    latency: Vec<Histogram>,
+}
+
+impl Handles {
+    fn create(registry: &Registry, args: &Args) -> Result<Handles> {
+        let requests = registry.counter_family("wl_requests_total", "Requests.", &["route"])?;
+        let inflight = registry.gauge_family("wl_inflight", "In flight.", GaugeMode::LiveSum, &["route"])?;
+        let max = registry.gauge_family("wl_max", "Max.", GaugeMode::Max, &["route"])?;
+        let all = registry.gauge_family("wl_all", "Per process.", GaugeMode::LiveAll, &["route"])?;
+        let recent = registry.gauge("wl_recent", "Most recent.", GaugeMode::LiveMostRecent)?;
+        let bytes = registry.counter_f64("wl_bytes_total", "Bytes.")?;
+        let latency =
+            registry.histogram_family("wl_latency_seconds", "Latency.", &[0.1, 0.5, 1.0], &["route"])?;
+
+        let mut series = Vec::new();
+        for i in 0..args.series {
+            let route = format!("/r{i}");
+            let labels = [route.as_str()];
+            series.push(Series {
+                requests: requests.with_labels(&labels)?,
+                inflight: inflight.with_labels(&labels)?,
+                max: max.with_labels(&labels)?,
+                all: all.with_labels(&labels)?,
+            });
+        }
+        let mut hists = Vec::new();
+        for j in 0..args.histograms {
+            hists.push(latency.with_labels(&[format!("/h{j}").as_str()])?);
+        }
+        Ok(Handles { series, recent, bytes, latency: hists })
+    }
+}
+
+fn stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+
+    let registry = Registry::global();
+    let handles = Handles::create(registry, &args)?;
+    if args.master_incs > 0 {
+        for s in &handles.series {
+            s.requests.inc_by(args.master_incs);
+        }
+    }
+
+    // With --hold the master waits for signals with sigwait: block them before forking, so none is
+    // lost and the workers inherit the mask (they sigwait too).
+    let mut master_set = stop_signals();
+    master_set.add(Signal::SIGCHLD);
+    if args.hold {
+        master_set.thread_block()?;
+    }
+
+    let (rd, wr) = nix::unistd::pipe()?;
+    let mut pids = Vec::new();
+    for w in 0..args.workers {
+        match fork() {
+            Ok(ForkResult::Child) => {
+                drop(rd);
+                let code = match run_worker(w, &args, &handles, File::from(wr)) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("workload: worker {w}: {e:#}");
+                        1
+                    }
+                };
+                std::process::exit(code);
+            }
+            Ok(ForkResult::Parent { child }) => pids.push(child),
+            Err(e) => {
+                stop(&pids, Signal::SIGTERM);
+                reap_all(&pids);
+                bail!("fork: {e}");
+            }
+        }
+    }
+    drop(wr);
+
+    // Every worker writes one byte when it is done; EOF first means one died before finishing.
+    let mut rd = File::from(rd);
+    let mut got = 0u64;
+    let mut buf = [0u8; 64];
+    while got < args.workers {
+        match rd.read(&mut buf) {
+            Ok(0) => {
+                stop(&pids, Signal::SIGTERM);
+                reap_all(&pids);
+                bail!("only {got} of {} workers finished writing", args.workers);
+            }
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                stop(&pids, Signal::SIGTERM);
+                reap_all(&pids);
+                return Err(e).context("reading the pipe");
+            }
+        }
+    }
+
+    let mut line = String::from("READY");
+    for pid in &pids {
+        line.push_str(&format!(" {pid}"));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    drop(out);
+
+    let statuses = if args.hold { wait_forwarding(&pids, &master_set)? } else { reap_all(&pids) };
+    let failed: Vec<String> = statuses.iter().filter_map(failure).collect();
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// Worker `w`'s updates (see the module documentation for the closed forms).
+fn run_worker(w: u64, args: &Args, h: &Handles, mut done: File) -> Result<()> {
+    let k = args.incs;
+    let n = w + 1;
+    for (i, s) in (1u64..).zip(&h.series) {
+        // `i` here is the 1-based i+1 of the documentation.
+        s.requests.inc_by(k * i * n);
+        s.inflight.set((i + n) as f64);
+        s.max.set((n * i) as f64);
+        s.all.set(n as f64);
+    }
+    // Later workers write later, so the most recent value is W.
+    std::thread::sleep(Duration::from_millis(w * 20));
+    h.recent.set(n as f64);
+    for _ in 0..k {
+        h.bytes.inc_by(0.5 * n as f64);
+    }
+    for hist in &h.latency {
+        for _ in 0..k {
+            hist.observe(0.05 * n as f64);
+        }
+    }
+    done.write_all(&[1]).context("writing the pipe")?;
+    drop(done);
+    if args.hold {
+        stop_signals().wait().context("sigwait")?;
+    }
+    Ok(())
+}
+
+/// Sends `sig` to every pid in `pids` that still exists.
+fn stop(pids: &[Pid], sig: Signal) {
+    for pid in pids {
+        if let Err(e) = kill(*pid, sig) {
+            if e != Errno::ESRCH {
+                eprintln!("workload: kill {pid}: {e}");
+            }
+        }
+    }
+}
+
+/// Waits for every pid in order (blocking).
+fn reap_all(pids: &[Pid]) -> Vec<WaitStatus> {
+    let mut statuses = Vec::new();
+    for pid in pids {
+        loop {
+            match waitpid(*pid, None) {
+                Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    statuses.push(s);
+                    break;
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    eprintln!("workload: waitpid {pid}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    statuses
+}
+
+/// With `--hold`: reaps workers as they exit, forwarding SIGTERM/SIGINT to those still running.
+fn wait_forwarding(pids: &[Pid], set: &SigSet) -> Result<Vec<WaitStatus>> {
+    let mut live: Vec<Pid> = pids.to_vec();
+    let mut statuses = Vec::new();
+    while !live.is_empty() {
+        match set.wait()? {
+            Signal::SIGCHLD => loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(s @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, ..))) => {
+                        live.retain(|p| *p != pid);
+                        statuses.push(s);
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e).context("waitpid"),
+                }
+            },
+            sig => stop(&live, sig),
+        }
+    }
+    Ok(statuses)
+}
+
+/// A description of a worker's end if it counts as a failure.
+fn failure(s: &WaitStatus) -> Option<String> {
+    match *s {
+        WaitStatus::Exited(pid, code) if code != 0 => Some(format!("worker {pid} exited with status {code}")),
+        WaitStatus::Signaled(pid, sig, _)
+            if matches!(
+                sig,
+                Signal::SIGSEGV
+                    | Signal::SIGBUS
+                    | Signal::SIGABRT
+                    | Signal::SIGILL
+                    | Signal::SIGFPE
+                    | Signal::SIGSYS
+                    | Signal::SIGTRAP
+            ) =>
+        {
+            Some(format!("worker {pid} crashed with {sig}"))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,543 @@
+//! One scrape of a multiproc directory: scan, refresh, fold the dead, merge, add self metrics.
+//!
+//! The [`Aggregator`] keeps every worker file open and parsed between scrapes. A scrape:
+//! 1. lists the directory; new writer files are opened, vanished ones dropped, files that cannot
+//!    be read are remembered as bad (and re-examined only when their size or mtime changes);
+//! 2. parses records each file appended since the last scrape and maps new series to merged ones;
+//! 3. tests each writer's lock: a dead writer's final values are folded into the archive, the
+//!    archive is saved atomically and the file removed ([`crate::archive`]);
+//! 4. starts from the archived values and combines every live file's slots into them;
+//! 5. appends the aggregator's own metrics.
+//!
+//! The aggregator is the only process that removes files in the directory (it holds the
+//! directory lock), so there is never a race between two compactors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::archive::{self, Totals};
+use crate::dir::{self, DirLock, Startup};
+use crate::error::Result;
+use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
+use crate::merge::{FamilyMeta, LabelSet, Merger, SnapFamily, Snapshot, Value};
+use crate::reader::{BadReason, WorkerFile};
+
+/// Merged-series index meaning "not exported" (conflicting metric).
+const SKIP: u32 = u32::MAX;
+
+/// A worker file being followed.
+struct Tracked {
+    file: WorkerFile,
+    /// Merged family per file metric id (`None`: conflicts with another file's definition).
+    families: Vec<Option<u32>>,
+    /// Merged series per file series index, or [`SKIP`].
+    series: Vec<u32>,
+}
+
+/// A file we could not read, and the state it was in when we gave up on it.
+struct Bad {
+    reason: BadReason,
+    stamp: (u64, Option<SystemTime>),
+}
+
+/// Facts about one live worker, for health checks and process metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Pid in the writer's namespace.
+    pub pid: u64,
+    /// File creation time, unix ns.
+    pub start_time_ns: u64,
+    /// Whether the worker declared itself ready.
+    pub ready: bool,
+    /// The worker's file.
+    pub path: PathBuf,
+}
+
+/// Counters and gauges about the aggregator itself.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Scrapes served.
+    pub scrapes: u64,
+    /// Duration of the last scrape's merge.
+    pub last_scrape: Duration,
+    /// Writer files followed in the last scrape.
+    pub files: usize,
+    /// Live workers in the last scrape.
+    pub live_workers: usize,
+    /// Series exposed in the last scrape (without self metrics).
+    pub series: usize,
+    /// Files skipped in the last scrape, by reason.
+    pub bad_files: BTreeMap<BadReason, usize>,
+    /// Times a file was found unreadable, since start.
+    pub bad_file_events: u64,
+    /// Metric definitions skipped because another process defined the same name differently.
+    pub conflicts: usize,
+    /// Archive totals (dead workers, dropped updates of dead workers).
+    pub totals: Totals,
+    /// Dropped series and updates reported by live files.
+    pub live_dropped_series: u64,
+    /// See `live_dropped_series`.
+    pub live_dropped_updates: u64,
+}
+
+/// Options of an aggregator.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Remove everything of ours at start-up, whatever is alive.
+    pub wipe: bool,
+}
+
+/// Follows a directory and produces merged snapshots.
+pub struct Aggregator {
+    lock: DirLock,
+    startup: Startup,
+    files: HashMap<String, Tracked>,
+    bad: HashMap<String, Bad>,
+    merger: Merger,
+    totals: Totals,
+    folded: Vec<String>,
+    dead_since_rebuild: usize,
+    stats: Stats,
+    workers: Vec<WorkerInfo>,
+    self_meta: SelfMeta,
+}
+
+impl Aggregator {
+    /// Takes ownership of `dir` (creating it), applies the start-up rule and loads the archive.
+    pub fn open(dir: &Path, opts: &Options) -> Result<Aggregator> {
+        let lock = dir::lock(dir)?;
+        let startup = dir::startup(&lock, opts.wipe)?;
+        let mut merger = Merger::new();
+        let loaded = archive::load(lock.dir(), &mut merger)?;
+        tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
+        Ok(Aggregator {
+            lock,
+            startup,
+            files: HashMap::new(),
+            bad: HashMap::new(),
+            merger,
+            totals: loaded.totals,
+            folded: loaded.folded,
+            dead_since_rebuild: 0,
+            stats: Stats::default(),
+            workers: Vec::new(),
+            self_meta: SelfMeta::new(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        self.lock.dir()
+    }
+
+    /// What start-up did.
+    pub fn startup(&self) -> Startup {
+        self.startup
+    }
+
+    /// Statistics of the last scrape.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Live workers as of the last scan.
+    pub fn workers(&self) -> &[WorkerInfo] {
+        &self.workers
+    }
+
+    /// Scans the directory, folds dead workers and returns the merged view plus self metrics.
+    pub fn scrape(&mut self) -> Snapshot {
+        let started = Instant::now();
+        self.scan();
+        let mut accs = Vec::new();
+        self.merger.begin(&mut accs);
+        let mut failed = Vec::new();
+        for (name, t) in &mut self.files {
+            let merger = &self.merger;
+            let map = &t.series;
+            let read = t.file.for_each_values(|i, slots| {
+                if let Some(&idx) = map.get(i) {
+                    if idx != SKIP {
+                        accs[idx as usize].add_slots(merger.rule(idx), slots);
+                    }
+                }
+            });
+            if let Err((reason, why)) = read {
+                failed.push((name.clone(), reason, why));
+            }
+        }
+        for (name, reason, why) in failed {
+            self.mark_bad(&name, reason, &why);
+        }
+        let mut snap = self.merger.snapshot(accs);
+        self.stats.scrapes += 1;
+        self.stats.series = snap.series_count();
+        self.stats.last_scrape = started.elapsed();
+        self.self_metrics(&mut snap);
+        snap
+    }
+
+    /// Scans the directory and folds dead workers, without merging values (background upkeep).
+    pub fn compact(&mut self) {
+        self.scan();
+    }
+
+    fn mark_bad(&mut self, name: &str, reason: BadReason, why: &str) {
+        self.files.remove(name);
+        let path = self.dir().join(name);
+        let stamp = stamp(&path);
+        tracing::warn!(file = %path.display(), reason = reason.as_str(), "skipping file: {why}; \
+            it is left in place — remove it if no worker is using it");
+        self.stats.bad_file_events += 1;
+        self.bad.insert(name.to_string(), Bad { reason, stamp });
+    }
+
+    fn scan(&mut self) {
+        let dir = self.dir().to_path_buf();
+        let names = match dir::list(&dir) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        self.files.retain(|n, _| present.contains(n.as_str()));
+        self.bad.retain(|n, _| present.contains(n.as_str()));
+        let mut foreign = 0;
+        for name in &names {
+            if layout::is_writer_temp(name) {
+                self.remove_stale_temp(&dir.join(name));
+                continue;
+            }
+            if !layout::is_writer_file(name) {
+                if !dir::is_ours(name) {
+                    foreign += 1;
+                }
+                continue;
+            }
+            if self.files.contains_key(name) {
+                continue;
+            }
+            let path = dir.join(name);
+            if let Some(b) = self.bad.get(name) {
+                if b.stamp == stamp(&path) {
+                    continue;
+                }
+            }
+            match WorkerFile::open(&path) {
+                Ok(file) => {
+                    self.bad.remove(name);
+                    self.files
+                        .insert(name.clone(), Tracked { file, families: Vec::new(), series: Vec::new() });
+                }
+                Err((reason, why)) => self.mark_bad(name, reason, &why),
+            }
+        }
+        self.refresh_and_fold();
+        let mut bad: BTreeMap<BadReason, usize> = BTreeMap::new();
+        for b in self.bad.values() {
+            *bad.entry(b.reason).or_default() += 1;
+        }
+        if foreign > 0 {
+            *bad.entry(BadReason::Foreign).or_default() += foreign;
+        }
+        self.stats.bad_files = bad;
+        self.stats.files = self.files.len();
+    }
+
+    /// A temp file whose lock is free is the leftover of a writer that died while creating it.
+    fn remove_stale_temp(&mut self, path: &Path) {
+        let old = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(10));
+        if !old {
+            return;
+        }
+        if let Ok(file) = std::fs::File::open(path) {
+            if file.try_lock().is_ok() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn refresh_and_fold(&mut self) {
+        let mut failed = Vec::new();
+        let mut dead = Vec::new();
+        let names: Vec<String> = self.files.keys().cloned().collect();
+        for name in names {
+            let Some(t) = self.files.get_mut(&name) else { continue };
+            // Liveness first: if the writer is dead, the refresh below sees its final records.
+            let is_dead = match t.file.is_dead() {
+                Ok(d) => d,
+                Err(e) => {
+                    failed.push((name, BadReason::Corrupt, e.to_string()));
+                    continue;
+                }
+            };
+            if let Err((reason, why)) = t.file.refresh() {
+                failed.push((name, reason, why));
+                continue;
+            }
+            map_new(&mut self.merger, t, &mut self.stats.conflicts);
+            if is_dead {
+                dead.push(name);
+            }
+        }
+        for (name, reason, why) in failed {
+            self.mark_bad(&name, reason, &why);
+        }
+        self.fold(dead);
+        self.collect_workers();
+        if self.dead_since_rebuild > 16.max(self.files.len()) {
+            self.rebuild();
+        }
+    }
+
+    fn fold(&mut self, dead: Vec<String>) {
+        if dead.is_empty() {
+            return;
+        }
+        let mut removed = Vec::new();
+        for name in dead {
+            let Some(mut t) = self.files.remove(&name) else { continue };
+            let id = layout::file_id_hex(&t.file.file_id);
+            if !self.folded.contains(&id) {
+                let merger = &mut self.merger;
+                let map = &t.series;
+                let read = t.file.for_each_values(|i, slots| {
+                    if let Some(&idx) = map.get(i) {
+                        if idx != SKIP && !merger.family_is_live(idx) {
+                            merger.archive_slots(idx, slots);
+                        }
+                    }
+                });
+                if let Err((reason, why)) = read {
+                    self.files.insert(name.clone(), t);
+                    self.mark_bad(&name, reason, &why);
+                    continue;
+                }
+                let flags = t.file.header_word(header::FLAGS);
+                self.totals.dead_workers += 1;
+                if flags & layout::flags::CLEAN_EXIT == 0 {
+                    self.totals.crashed_workers += 1;
+                }
+                self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
+                self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);
+                self.folded.push(id);
+                self.dead_since_rebuild += 1;
+            }
+            removed.push(t.file.path().to_path_buf());
+        }
+        // Persist first, then remove: a crash in between leaves files whose ids the archive
+        // lists, which the next pass removes without folding them again.
+        if let Err(e) = archive::save(self.lock.dir(), &self.merger, &self.totals, &self.folded) {
+            tracing::error!("cannot save the archive, dead workers' files are kept until it works: {e}");
+            return;
+        }
+        for p in removed {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(file = %p.display(), "cannot remove a dead worker's file: {e}");
+                }
+            }
+        }
+        // Every listed file is gone now; the next save forgets them.
+        self.folded.clear();
+    }
+
+    fn collect_workers(&mut self) {
+        let mut workers: Vec<WorkerInfo> = self
+            .files
+            .values_mut()
+            .map(|t| WorkerInfo {
+                pid: t.file.pid,
+                start_time_ns: t.file.start_time_ns,
+                ready: t.file.header_word(header::FLAGS) & layout::flags::READY != 0,
+                path: t.file.path().to_path_buf(),
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.start_time_ns, w.pid));
+        self.stats.live_workers = workers.len();
+        self.stats.live_dropped_series =
+            self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_SERIES)).sum();
+        self.stats.live_dropped_updates =
+            self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_UPDATES)).sum();
+        self.stats.totals = self.totals.clone();
+        self.workers = workers;
+    }
+
+    /// Drops merged series that only dead processes had (per-process gauges under churn).
+    fn rebuild(&mut self) {
+        self.merger = self.merger.rebuilt();
+        self.stats.conflicts = 0;
+        for t in self.files.values_mut() {
+            t.families.clear();
+            t.series.clear();
+            map_new(&mut self.merger, t, &mut self.stats.conflicts);
+        }
+        self.dead_since_rebuild = 0;
+    }
+
+    fn self_metrics(&self, snap: &mut Snapshot) {
+        let s = &self.stats;
+        let m = &self.self_meta;
+        let one = |meta: &Arc<FamilyMeta>, v: Value| SnapFamily {
+            meta: Arc::clone(meta),
+            series: vec![(Arc::clone(&m.no_labels), v)],
+        };
+        let mut fams = vec![
+            one(&m.scrape_seconds, Value::F64(s.last_scrape.as_secs_f64())),
+            one(&m.scrapes, Value::U64(s.scrapes)),
+            one(&m.files, Value::F64(s.files as f64)),
+            one(&m.live, Value::F64(s.live_workers as f64)),
+            one(&m.dead, Value::U64(s.totals.dead_workers)),
+            one(&m.crashed, Value::U64(s.totals.crashed_workers)),
+            one(&m.series, Value::F64(s.series as f64)),
+            one(&m.conflicts, Value::F64(s.conflicts as f64)),
+            one(&m.bad_events, Value::U64(s.bad_file_events)),
+            one(&m.dropped_series, Value::U64(s.totals.dropped_series + s.live_dropped_series)),
+            one(&m.dropped_updates, Value::U64(s.totals.dropped_updates + s.live_dropped_updates)),
+        ];
+        let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
+        for reason in [BadReason::Corrupt, BadReason::Foreign, BadReason::Truncated, BadReason::Version] {
+            let n = s.bad_files.get(&reason).copied().unwrap_or(0);
+            let values = vec![reason.as_str().to_string()];
+            let labels = Arc::new(LabelSet { text: format!("reason=\"{}\"", reason.as_str()), values });
+            bad.series.push((labels, Value::F64(n as f64)));
+        }
+        fams.push(bad);
+        fams.sort_by(|a, b| a.meta.desc.name.cmp(&b.meta.desc.name));
+        snap.families.extend(fams);
+    }
+}
+
+fn map_new(merger: &mut Merger, t: &mut Tracked, conflicts: &mut usize) {
+    let f = &t.file;
+    while t.families.len() < f.metrics.len() {
+        let desc = &f.metrics[t.families.len()];
+        let fam = merger.family_for(desc);
+        if fam.is_none() {
+            *conflicts += 1;
+            tracing::warn!(metric = %desc.name, file = %f.path().display(),
+                "metric defined differently by another process; this process's series are not exported");
+        }
+        t.families.push(fam);
+    }
+    while t.series.len() < f.series.len() {
+        let s = &f.series[t.series.len()];
+        let idx = match t.families.get(s.metric_id as usize).copied().flatten() {
+            Some(fam) => {
+                let mut values = s.label_values.clone();
+                if merger.family_desc(fam).gauge_mode.is_some_and(GaugeMode::per_process) {
+                    values.push(f.pid.to_string());
+                }
+                merger.series_for(fam, values)
+            }
+            None => SKIP,
+        };
+        t.series.push(idx);
+    }
+}
+
+fn stamp(path: &Path) -> (u64, Option<SystemTime>) {
+    std::fs::metadata(path).map_or((0, None), |m| (m.len(), m.modified().ok()))
+}
+
+/// Descriptions of the aggregator's own metrics.
+struct SelfMeta {
+    no_labels: Arc<LabelSet>,
+    scrape_seconds: Arc<FamilyMeta>,
+    scrapes: Arc<FamilyMeta>,
+    files: Arc<FamilyMeta>,
+    live: Arc<FamilyMeta>,
+    dead: Arc<FamilyMeta>,
+    crashed: Arc<FamilyMeta>,
+    series: Arc<FamilyMeta>,
+    conflicts: Arc<FamilyMeta>,
+    bad_files: Arc<FamilyMeta>,
+    bad_events: Arc<FamilyMeta>,
+    dropped_series: Arc<FamilyMeta>,
+    dropped_updates: Arc<FamilyMeta>,
+}
+
+fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
+    let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
+    Arc::new(FamilyMeta {
+        desc: MetricDesc {
+            name: name.to_string(),
+            help: help.to_string(),
+            metric_type: t,
+            value_type: if t == MetricType::Counter { ValueType::U64 } else { ValueType::F64 },
+            gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
+            label_names: label_names.clone(),
+            buckets: Vec::new(),
+        },
+        label_names,
+    })
+}
+
+impl SelfMeta {
+    fn new() -> SelfMeta {
+        use MetricType::{Counter, Gauge};
+        SelfMeta {
+            no_labels: Arc::new(LabelSet { values: Vec::new(), text: String::new() }),
+            scrape_seconds: meta(
+                "shmetrics_scrape_duration_seconds",
+                "Time the last scrape took to read and merge all files.",
+                Gauge,
+                &[],
+            ),
+            scrapes: meta("shmetrics_scrapes", "Scrapes served by this aggregator.", Counter, &[]),
+            files: meta("shmetrics_files", "Worker files followed in the last scrape.", Gauge, &[]),
+            live: meta("shmetrics_workers_live", "Workers alive in the last scrape.", Gauge, &[]),
+            dead: meta(
+                "shmetrics_workers_dead",
+                "Workers that exited and were folded into the archive.",
+                Counter,
+                &[],
+            ),
+            crashed: meta(
+                "shmetrics_workers_crashed",
+                "Dead workers that did not exit cleanly (killed or crashed).",
+                Counter,
+                &[],
+            ),
+            series: meta(
+                "shmetrics_series",
+                "Merged series exposed in the last scrape, without these self metrics.",
+                Gauge,
+                &[],
+            ),
+            conflicts: meta(
+                "shmetrics_metric_conflicts",
+                "Metric definitions skipped because another process defined the same name differently.",
+                Gauge,
+                &[],
+            ),
+            bad_files: meta(
+                "shmetrics_bad_files",
+                "Files in the directory skipped in the last scrape, by reason.",
+                Gauge,
+                &["reason"],
+            ),
+            bad_events: meta("shmetrics_bad_file_events", "Times a file was found unreadable.", Counter, &[]),
+            dropped_series: meta(
+                "shmetrics_dropped_series",
+                "Series workers could not register because a file or the disk was full.",
+                Counter,
+                &[],
+            ),
+            dropped_updates: meta(
+                "shmetrics_dropped_updates",
+                "Updates workers dropped because their series had no room.",
+                Counter,
+                &[],
+            ),
+        }
+    }
+}

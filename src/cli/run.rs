@@ -1,0 +1,118 @@
+//! `shmetrics run -- CMD`: the one-command way to run a pre-fork server.
+//!
+//! Prepares the directory, exports `SHMETRICS_DIR` to the child, serves metrics while the child
+//! runs, forwards the signals a process manager sends (TERM, INT, HUP, QUIT, USR1, USR2, TTIN,
+//! TTOU — gunicorn and uWSGI use all of them), and exits with the child's status (128 + signal
+//! number when the child was killed by a signal, as shells report it).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use shmetrics::aggregator::{Aggregator, Options};
+use shmetrics::serve::{self, Shared};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::RunArgs;
+
+/// Signals forwarded to the child.
+const FORWARDED: [Signal; 8] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
+
+fn private_dir() -> anyhow::Result<tempfile::TempDir> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("shmetrics-")
+        .tempdir_in(&base)
+        .with_context(|| format!("cannot create a private directory in {}", base.display()))
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let private = match &args.dir {
+        Some(_) => None,
+        None => Some(private_dir()?),
+    };
+    let dir = match (&args.dir, &private) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => anyhow::bail!("no directory"),
+    };
+    let opts = Options { wipe: args.agg.wipe };
+    let agg = Aggregator::open(&dir, &opts)?;
+    let rt = super::runtime()?;
+    let code = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.agg.listen).await.with_context(|| {
+            format!("cannot listen on {} (use --listen to pick another address)", args.agg.listen)
+        })?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(agg);
+        let (program, rest) = args.command.split_first().context("no command given after --")?;
+        let mut child = tokio::process::Command::new(program)
+            .args(rest)
+            .env("SHMETRICS_DIR", &dir)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {program:?}"))?;
+        let pid = child.id().context("child has no pid")?;
+        tracing::info!(
+            "serving http://{addr}/metrics for {} (pid {pid}, SHMETRICS_DIR={})",
+            program,
+            dir.display()
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve::http(listener, shared.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+        let upkeep = tokio::spawn(serve::upkeep(shared.clone(), args.agg.upkeep()));
+        let mut streams = Vec::new();
+        for sig in FORWARDED {
+            streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (sig, mut s) in streams {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    if tx.send(sig).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let status = loop {
+            tokio::select! {
+                st = child.wait() => break st.context("waiting for the child")?,
+                Some(sig) = rx.recv() => {
+                    tracing::debug!("forwarding {sig} to {pid}");
+                    let _ = kill(Pid::from_raw(pid as i32), sig);
+                }
+            }
+        };
+        upkeep.abort();
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        let code = match (status.code(), status.signal()) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            _ => 1,
+        };
+        tracing::info!("{program} exited with status {code}");
+        anyhow::Ok(code)
+    })?;
+    drop(private);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}

@@ -1,0 +1,271 @@
+//! Text encoders for a merged [`Snapshot`]: Prometheus text format 0.0.4 and OpenMetrics 1.0.0.
+//!
+//! These are ours rather than prometheus-client's because that crate encodes only its own
+//! `Registry` (and only OpenMetrics); the tests check our output with `promtool` and with Python
+//! prometheus_client's OpenMetrics parser. Label text is pre-rendered by the merger, so encoding is
+//! mostly copying bytes and formatting numbers.
+
+use crate::layout::MetricType;
+use crate::merge::{LabelSet, SnapFamily, Snapshot, Value};
+
+/// Which exposition format to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4.
+    Prometheus,
+    /// OpenMetrics 1.0.0 text.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// Picks the format from an HTTP `Accept` header: OpenMetrics when it is asked for (and not
+    /// with q=0), Prometheus text otherwise.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else { return Format::Prometheus };
+        for part in accept.split(',') {
+            let mut params = part.split(';').map(str::trim);
+            if params.next() != Some("application/openmetrics-text") {
+                continue;
+            }
+            let refused = params
+                .any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f64>().ok()).is_some_and(|q| q <= 0.0));
+            if !refused {
+                return Format::OpenMetrics;
+            }
+        }
+        Format::Prometheus
+    }
+}
+
+/// Appends a float the way Prometheus parsers read it (`NaN`, `+Inf`, `-Inf`, shortest repr).
+pub fn push_f64(out: &mut String, v: f64) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else {
+        out.push_str(ryu::Buffer::new().format_finite(v));
+    }
+}
+
+fn push_u64(out: &mut String, v: u64) {
+    out.push_str(itoa::Buffer::new().format(v));
+}
+
+fn push_help(out: &mut String, help: &str, format: Format) {
+    for c in help.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if format == Format::OpenMetrics => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Writes `name{labels[,extra]} ` (with the trailing space).
+fn push_sample_head(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &LabelSet,
+    extra: Option<(&str, &str)>,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    let has_labels = !labels.text.is_empty();
+    if has_labels || extra.is_some() {
+        out.push('{');
+        out.push_str(&labels.text);
+        if let Some((k, v)) = extra {
+            if has_labels {
+                out.push(',');
+            }
+            out.push_str(k);
+            out.push_str("=\"");
+            out.push_str(v);
+            out.push('"');
+        }
+        out.push('}');
+    }
+    out.push(' ');
+}
+
+/// Writes `# KIND name ` (with the trailing space).
+fn push_meta(out: &mut String, kind: &str, name: &str, suffix: &str) {
+    out.push_str("# ");
+    out.push_str(kind);
+    out.push(' ');
+    out.push_str(name);
+    out.push_str(suffix);
+    out.push(' ');
+}
+
+fn push_value(out: &mut String, v: &Value) {
+    match v {
+        Value::U64(n) => push_u64(out, *n),
+        Value::F64(f) | Value::Recent { v: f, .. } => push_f64(out, *f),
+        Value::Hist { .. } | Value::Unset => out.push_str("NaN"),
+    }
+}
+
+fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
+    let d = &f.meta.desc;
+    let name = d.name.as_str();
+    // Prometheus text names the counter family by its sample name; OpenMetrics by the base name.
+    let family_name_suffix = match (d.metric_type, format) {
+        (MetricType::Counter, Format::Prometheus) => "_total",
+        _ => "",
+    };
+    let type_word = d.metric_type.as_str();
+    if format == Format::OpenMetrics {
+        push_meta(out, "TYPE", name, family_name_suffix);
+        out.push_str(type_word);
+        out.push('\n');
+        if !d.help.is_empty() {
+            push_meta(out, "HELP", name, family_name_suffix);
+            push_help(out, &d.help, format);
+            out.push('\n');
+        }
+    } else {
+        push_meta(out, "HELP", name, family_name_suffix);
+        push_help(out, &d.help, format);
+        out.push('\n');
+        push_meta(out, "TYPE", name, family_name_suffix);
+        out.push_str(type_word);
+        out.push('\n');
+    }
+    for (labels, value) in &f.series {
+        match (d.metric_type, value) {
+            (MetricType::Histogram, Value::Hist { buckets, sum }) => {
+                let mut cum: u64 = 0;
+                let mut le = String::new();
+                for (i, n) in buckets.iter().enumerate() {
+                    cum = cum.wrapping_add(*n);
+                    le.clear();
+                    match d.buckets.get(i) {
+                        Some(b) => push_f64(&mut le, *b),
+                        None => le.push_str("+Inf"),
+                    }
+                    push_sample_head(out, name, "_bucket", labels, Some(("le", &le)));
+                    push_u64(out, cum);
+                    out.push('\n');
+                }
+                push_sample_head(out, name, "_count", labels, None);
+                push_u64(out, cum);
+                out.push('\n');
+                push_sample_head(out, name, "_sum", labels, None);
+                push_f64(out, *sum);
+                out.push('\n');
+            }
+            (MetricType::Counter, v) => {
+                push_sample_head(out, name, "_total", labels, None);
+                push_value(out, v);
+                out.push('\n');
+            }
+            (_, v) => {
+                push_sample_head(out, name, "", labels, None);
+                push_value(out, v);
+                out.push('\n');
+            }
+        }
+    }
+}
+
+/// Encodes a snapshot in `format`.
+pub fn encode(snapshot: &Snapshot, format: Format) -> String {
+    let mut out = String::with_capacity(snapshot.series_count() * 64 + 1024);
+    for f in &snapshot.families {
+        encode_family(&mut out, f, format);
+    }
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{MetricDesc, ValueType};
+    use crate::merge::Merger;
+
+    fn snap() -> Snapshot {
+        let mut m = Merger::new();
+        let c = m
+            .family_for(&MetricDesc {
+                name: "req".into(),
+                help: "Requests \"x\"\\.".into(),
+                metric_type: MetricType::Counter,
+                value_type: ValueType::U64,
+                gauge_mode: None,
+                label_names: vec!["code".into()],
+                buckets: vec![],
+            })
+            .unwrap();
+        let h = m
+            .family_for(&MetricDesc {
+                name: "lat".into(),
+                help: "Latency.".into(),
+                metric_type: MetricType::Histogram,
+                value_type: ValueType::F64,
+                gauge_mode: None,
+                label_names: vec![],
+                buckets: vec![0.5, 1.0],
+            })
+            .unwrap();
+        let a = m.series_for(c, vec!["2\"0\n0".into()]);
+        let b = m.series_for(h, vec![]);
+        m.archive_value(a, &Value::U64(7));
+        m.archive_value(b, &Value::Hist { buckets: vec![1, 2, 3], sum: 9.25 });
+        let mut accs = Vec::new();
+        m.begin(&mut accs);
+        m.snapshot(accs)
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let text = encode(&snap(), Format::Prometheus);
+        assert_eq!(
+            text,
+            "# HELP lat Latency.\n# TYPE lat histogram\nlat_bucket{le=\"0.5\"} 1\nlat_bucket{le=\"1.0\"} 3\n\
+             lat_bucket{le=\"+Inf\"} 6\nlat_count 6\nlat_sum 9.25\n\
+             # HELP req_total Requests \"x\"\\\\.\n# TYPE req_total counter\nreq_total{code=\"2\\\"0\\n0\"} 7\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_text() {
+        let text = encode(&snap(), Format::OpenMetrics);
+        assert!(text.starts_with("# TYPE lat histogram\n# HELP lat Latency.\n"));
+        assert!(text.contains("# TYPE req counter\n# HELP req Requests \\\"x\\\"\\\\.\nreq_total{"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::from_accept(Some(prom)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
+        assert_eq!(Format::from_accept(Some("application/openmetrics-text; q=0")), Format::Prometheus);
+    }
+
+    #[test]
+    fn floats() {
+        let mut s = String::new();
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.1, 1e300, 3.0] {
+            push_f64(&mut s, v);
+            s.push(' ');
+        }
+        assert_eq!(s, "NaN +Inf -Inf 0.1 1e300 3.0 ");
+    }
+}

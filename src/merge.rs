@@ -1,0 +1,453 @@
+//! Merging many processes' series into one job-wide view.
+//!
+//! The [`Merger`] keeps a table of merged families and series that lives across scrapes: a source
+//! (a worker file, or the archive of dead workers) maps each of its series to a merged series index
+//! once, and every later scrape just combines values by index. Label text is rendered and escaped
+//! once, when a merged series is created, so the encoders only copy it.
+//!
+//! How values combine, per family:
+//! - counters and histograms are summed (histograms bucket by bucket, plus the sum);
+//! - gauges follow their [`GaugeMode`]: sum, max, min, most recent by timestamp, or one series per
+//!   process with a `pid` label. `live*` modes ignore dead processes; the others keep what a dead
+//!   process last wrote, through the archive.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
+
+/// What a merged family is: the metric description, as first seen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FamilyMeta {
+    /// The description (name without `_total` for counters).
+    pub desc: MetricDesc,
+    /// Label names as exposed: the description's, plus `pid` for per-process gauges.
+    pub label_names: Vec<String>,
+}
+
+/// A merged series' labels, pre-rendered.
+#[derive(Debug)]
+pub struct LabelSet {
+    /// Label values, in the family's exposed label-name order.
+    pub values: Vec<String>,
+    /// `name="value",…` with values escaped for the text formats; empty without labels.
+    pub text: String,
+}
+
+/// A merged value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    /// No contribution (yet): not exposed.
+    #[default]
+    Unset,
+    /// Integer counter.
+    U64(u64),
+    /// Float counter or gauge.
+    F64(f64),
+    /// Most-recent gauge: the value with the largest timestamp (unix ns).
+    Recent {
+        /// Timestamp of the write, unix ns.
+        ts: u64,
+        /// The value.
+        v: f64,
+    },
+    /// Histogram: non-cumulative bucket counts (last is `+Inf`) and the sum.
+    Hist {
+        /// Per-bucket counts.
+        buckets: Vec<u64>,
+        /// Sum of observations.
+        sum: f64,
+    },
+}
+
+/// How a family combines contributions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Sum integers.
+    AddU64,
+    /// Sum floats.
+    AddF64,
+    /// Maximum.
+    Max,
+    /// Minimum.
+    Min,
+    /// Largest timestamp wins.
+    Recent,
+    /// Per-process series: the last contribution wins (only one process contributes).
+    Replace,
+    /// Bucket-wise sum.
+    Hist,
+}
+
+impl Rule {
+    /// The rule for a description.
+    pub fn of(d: &MetricDesc) -> Rule {
+        match (d.metric_type, d.value_type, d.gauge_mode.map(GaugeMode::base)) {
+            (MetricType::Counter, ValueType::U64, _) => Rule::AddU64,
+            (MetricType::Counter, ValueType::F64, _) => Rule::AddF64,
+            (MetricType::Histogram, _, _) => Rule::Hist,
+            (MetricType::Gauge, _, Some(GaugeMode::Max)) => Rule::Max,
+            (MetricType::Gauge, _, Some(GaugeMode::Min)) => Rule::Min,
+            (MetricType::Gauge, _, Some(GaugeMode::MostRecent)) => Rule::Recent,
+            (MetricType::Gauge, _, Some(GaugeMode::All)) => Rule::Replace,
+            (MetricType::Gauge, _, _) => Rule::AddF64,
+        }
+    }
+}
+
+impl Value {
+    /// Whether the value is [`Value::Unset`].
+    pub fn is_unset(&self) -> bool {
+        matches!(self, Value::Unset)
+    }
+
+    /// Combines raw slots (as a writer laid them out) into this accumulator.
+    #[inline]
+    pub fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) {
+        let word = |i: usize| slots.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
+        let f = |i: usize| f64::from_bits(word(i));
+        match rule {
+            Rule::AddU64 => self.combine(rule, &Value::U64(word(0))),
+            Rule::Recent => {
+                // Timestamp first (acquire), then the value the writer stored before it.
+                let ts = slots.get(1).map_or(0, |a| a.load(Ordering::Acquire));
+                self.combine(rule, &Value::Recent { ts, v: f(0) })
+            }
+            Rule::Hist => {
+                let n = slots.len().saturating_sub(1);
+                match self {
+                    Value::Hist { buckets, sum } if buckets.len() == n => {
+                        for (b, s) in buckets.iter_mut().zip(slots) {
+                            *b = b.wrapping_add(s.load(Ordering::Relaxed));
+                        }
+                        *sum += f(n);
+                    }
+                    _ => {
+                        let buckets = slots[..n].iter().map(|s| s.load(Ordering::Relaxed)).collect();
+                        self.combine(rule, &Value::Hist { buckets, sum: f(n) });
+                    }
+                }
+            }
+            _ => self.combine(rule, &Value::F64(f(0))),
+        }
+    }
+
+    /// Combines another value into this accumulator.
+    pub fn combine(&mut self, rule: Rule, other: &Value) {
+        if other.is_unset() {
+            return;
+        }
+        if self.is_unset() {
+            *self = other.clone();
+            return;
+        }
+        match (rule, &mut *self, other) {
+            (Rule::AddU64, Value::U64(a), Value::U64(b)) => *a = a.wrapping_add(*b),
+            (Rule::AddF64, Value::F64(a), Value::F64(b)) => *a += b,
+            (Rule::Max, Value::F64(a), Value::F64(b)) => *a = a.max(*b),
+            (Rule::Min, Value::F64(a), Value::F64(b)) => *a = a.min(*b),
+            (Rule::Recent, Value::Recent { ts, v }, Value::Recent { ts: t2, v: v2 }) => {
+                if *t2 >= *ts {
+                    (*ts, *v) = (*t2, *v2);
+                }
+            }
+            (Rule::Hist, Value::Hist { buckets, sum }, Value::Hist { buckets: b2, sum: s2 })
+                if buckets.len() == b2.len() =>
+            {
+                for (a, b) in buckets.iter_mut().zip(b2) {
+                    *a = a.wrapping_add(*b);
+                }
+                *sum += s2;
+            }
+            // Replace, and any shape mismatch (which family checks prevent): last one wins.
+            _ => *self = other.clone(),
+        }
+    }
+}
+
+/// One merged family.
+#[derive(Debug)]
+struct MFamily {
+    meta: Arc<FamilyMeta>,
+    rule: Rule,
+    series: Vec<u32>,
+}
+
+/// One merged series.
+#[derive(Debug)]
+struct MSeries {
+    family: u32,
+    labels: Arc<LabelSet>,
+}
+
+/// A family in a [`Snapshot`].
+#[derive(Debug)]
+pub struct SnapFamily {
+    /// What the family is.
+    pub meta: Arc<FamilyMeta>,
+    /// Its series with their merged values (never `Unset`).
+    pub series: Vec<(Arc<LabelSet>, Value)>,
+}
+
+/// A job-wide view, ready to encode. Families are sorted by name.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The families, each with at least one series.
+    pub families: Vec<SnapFamily>,
+}
+
+impl Snapshot {
+    /// Number of series.
+    pub fn series_count(&self) -> usize {
+        self.families.iter().map(|f| f.series.len()).sum()
+    }
+
+    /// Finds a family by name (counters without `_total`).
+    pub fn family(&self, name: &str) -> Option<&SnapFamily> {
+        self.families.iter().find(|f| f.meta.desc.name == name)
+    }
+}
+
+/// Escapes a label value for the Prometheus text formats (`\\`, `\"`, `\n`).
+pub fn escape_label_value(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn render_labels(names: &[String], values: &[String]) -> String {
+    let mut text = String::new();
+    for (i, (n, v)) in names.iter().zip(values).enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(n);
+        text.push_str("=\"");
+        escape_label_value(v, &mut text);
+        text.push('"');
+    }
+    text
+}
+
+/// The merged table, plus the archive of dead processes' values.
+#[derive(Debug, Default)]
+pub struct Merger {
+    families: Vec<MFamily>,
+    by_name: HashMap<String, u32>,
+    series: Vec<MSeries>,
+    by_key: HashMap<(u32, Vec<String>), u32>,
+    /// Dead processes' contributions, parallel to `series`.
+    archive: Vec<Value>,
+    /// Family indices sorted by name.
+    order: Vec<u32>,
+}
+
+impl Merger {
+    /// An empty merger.
+    pub fn new() -> Merger {
+        Merger::default()
+    }
+
+    /// The merged family for `desc`, created on first sight; `None` if the name is taken by a
+    /// different description (a conflict the caller counts).
+    pub fn family_for(&mut self, desc: &MetricDesc) -> Option<u32> {
+        if let Some(&i) = self.by_name.get(&desc.name) {
+            let existing = &self.families[i as usize].meta.desc;
+            // Help text may differ between versions of a worker; everything else must match.
+            let same = existing.metric_type == desc.metric_type
+                && existing.value_type == desc.value_type
+                && existing.gauge_mode == desc.gauge_mode
+                && existing.label_names == desc.label_names
+                && existing.buckets == desc.buckets;
+            return same.then_some(i);
+        }
+        let mut label_names = desc.label_names.clone();
+        if desc.gauge_mode.is_some_and(GaugeMode::per_process) {
+            label_names.push("pid".to_string());
+        }
+        let i = self.families.len() as u32;
+        self.families.push(MFamily {
+            meta: Arc::new(FamilyMeta { desc: desc.clone(), label_names }),
+            rule: Rule::of(desc),
+            series: Vec::new(),
+        });
+        self.by_name.insert(desc.name.clone(), i);
+        let pos = self.order.partition_point(|&j| self.families[j as usize].meta.desc.name < desc.name);
+        self.order.insert(pos, i);
+        Some(i)
+    }
+
+    /// The merged series of family `fam` with these label values (the `pid` value included for
+    /// per-process gauges), created on first sight.
+    pub fn series_for(&mut self, fam: u32, values: Vec<String>) -> u32 {
+        let key = (fam, values);
+        if let Some(&i) = self.by_key.get(&key) {
+            return i;
+        }
+        let f = &mut self.families[fam as usize];
+        let text = render_labels(&f.meta.label_names, &key.1);
+        let i = self.series.len() as u32;
+        f.series.push(i);
+        self.series.push(MSeries { family: fam, labels: Arc::new(LabelSet { values: key.1.clone(), text }) });
+        self.archive.push(Value::Unset);
+        self.by_key.insert(key, i);
+        i
+    }
+
+    /// The combine rule of the family of series `idx`.
+    #[inline]
+    pub fn rule(&self, idx: u32) -> Rule {
+        self.families[self.series[idx as usize].family as usize].rule
+    }
+
+    /// Whether the family of series `idx` is a live-mode gauge (dead processes' values dropped).
+    pub fn family_is_live(&self, idx: u32) -> bool {
+        let fam = &self.families[self.series[idx as usize].family as usize];
+        fam.meta.desc.gauge_mode.is_some_and(GaugeMode::is_live)
+    }
+
+    /// The description of family `fam`.
+    pub fn family_desc(&self, fam: u32) -> &MetricDesc {
+        &self.families[fam as usize].meta.desc
+    }
+
+    /// Number of merged series in the table.
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    /// Starts a scrape: fills `accs` with the archived values (one per merged series).
+    pub fn begin(&self, accs: &mut Vec<Value>) {
+        accs.clone_from(&self.archive);
+    }
+
+    /// Folds a dead process's final slots into the archive.
+    pub fn archive_slots(&mut self, idx: u32, slots: &[AtomicU64]) {
+        let rule = self.rule(idx);
+        if let Some(a) = self.archive.get_mut(idx as usize) {
+            a.add_slots(rule, slots);
+        }
+    }
+
+    /// Adds a value to the archive (loading a persisted archive).
+    pub fn archive_value(&mut self, idx: u32, v: &Value) {
+        let rule = self.rule(idx);
+        if let Some(a) = self.archive.get_mut(idx as usize) {
+            a.combine(rule, v);
+        }
+    }
+
+    /// The archived series: (family description, label values, value), for persistence.
+    pub fn archived(&self) -> impl Iterator<Item = (&MetricDesc, &[String], &Value)> {
+        self.series
+            .iter()
+            .zip(&self.archive)
+            .filter(|(_, v)| !v.is_unset())
+            .map(|(s, v)| (&self.families[s.family as usize].meta.desc, s.labels.values.as_slice(), v))
+    }
+
+    /// Moves the archive into a fresh table, dropping every merged series no source maps to any
+    /// more. The caller re-maps its live sources afterwards. Bounds memory under worker churn with
+    /// per-process series.
+    pub fn rebuilt(&self) -> Merger {
+        let mut m = Merger::new();
+        for (desc, values, v) in self.archived() {
+            if let Some(fam) = m.family_for(desc) {
+                let idx = m.series_for(fam, values.to_vec());
+                m.archive_value(idx, v);
+            }
+        }
+        m
+    }
+
+    /// Builds the snapshot from this scrape's accumulators (consumed).
+    pub fn snapshot(&self, mut accs: Vec<Value>) -> Snapshot {
+        let mut families = Vec::with_capacity(self.order.len());
+        for &fi in &self.order {
+            let f = &self.families[fi as usize];
+            let mut series = Vec::with_capacity(f.series.len());
+            for &si in &f.series {
+                let v = accs.get_mut(si as usize).map_or(Value::Unset, std::mem::take);
+                if !v.is_unset() {
+                    series.push((Arc::clone(&self.series[si as usize].labels), v));
+                }
+            }
+            if !series.is_empty() {
+                families.push(SnapFamily { meta: Arc::clone(&f.meta), series });
+            }
+        }
+        Snapshot { families }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge(mode: GaugeMode) -> MetricDesc {
+        MetricDesc {
+            name: "g".into(),
+            help: "G.".into(),
+            metric_type: MetricType::Gauge,
+            value_type: ValueType::F64,
+            gauge_mode: Some(mode),
+            label_names: vec!["a".into()],
+            buckets: vec![],
+        }
+    }
+
+    #[test]
+    fn gauge_modes_combine() {
+        let v = |x: f64| Value::F64(x);
+        for (mode, expect) in [(GaugeMode::Sum, 6.0), (GaugeMode::Max, 3.0), (GaugeMode::LiveMin, 1.0)] {
+            let rule = Rule::of(&gauge(mode));
+            let mut acc = Value::Unset;
+            for x in [2.0, 3.0, 1.0] {
+                acc.combine(rule, &v(x));
+            }
+            assert_eq!(acc, v(expect), "{mode:?}");
+        }
+        let mut acc = Value::Unset;
+        acc.combine(Rule::Recent, &Value::Recent { ts: 5, v: 1.0 });
+        acc.combine(Rule::Recent, &Value::Recent { ts: 3, v: 2.0 });
+        assert_eq!(acc, Value::Recent { ts: 5, v: 1.0 });
+    }
+
+    #[test]
+    fn conflicting_descriptions_are_refused() {
+        let mut m = Merger::new();
+        let a = m.family_for(&gauge(GaugeMode::Sum));
+        assert_eq!(a, Some(0));
+        assert_eq!(m.family_for(&gauge(GaugeMode::Max)), None);
+        let mut other_help = gauge(GaugeMode::Sum);
+        other_help.help = "other".into();
+        assert_eq!(m.family_for(&other_help), Some(0));
+    }
+
+    #[test]
+    fn rebuild_keeps_only_archived_series() {
+        let mut m = Merger::new();
+        let f = m.family_for(&gauge(GaugeMode::Sum)).unwrap();
+        let a = m.series_for(f, vec!["x".into()]);
+        let _b = m.series_for(f, vec!["y".into()]);
+        m.archive_value(a, &Value::F64(4.0));
+        let r = m.rebuilt();
+        assert_eq!(r.len(), 1);
+        let snap = r.snapshot(r.archive.clone());
+        assert_eq!(snap.families[0].series[0].0.text, "a=\"x\"");
+        assert_eq!(snap.families[0].series[0].1, Value::F64(4.0));
+    }
+}

@@ -1,0 +1,286 @@
+//! The aggregator side of one worker file: incremental parsing, value reads, liveness.
+//!
+//! A [`WorkerFile`] stays open across scrapes. Each [`WorkerFile::refresh`] parses only the records
+//! appended since the previous one (records are immutable once published), so the steady-state cost
+//! of a scrape is reading value slots. Everything in the file is untrusted: a record that breaks the
+//! format makes the whole file "bad" (skipped and counted by the caller, never a panic), and a file
+//! truncated under our feet is caught by the SIGBUS guard of [`crate::layout::region`].
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::layout::{self, header, region, region::Region, MetricDesc, Record, HEADER_SIZE};
+
+/// One parsed SERIES record.
+#[derive(Clone, Debug)]
+pub struct SeriesRef {
+    /// Index into [`WorkerFile::metrics`].
+    pub metric_id: u32,
+    /// Label values in the metric's label-name order.
+    pub label_values: Vec<String>,
+    /// Offset of the first value slot in the file.
+    pub slots_at: u64,
+    /// Number of slots.
+    pub slots: u32,
+}
+
+/// Why a file could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BadReason {
+    /// Not ours (bad magic).
+    Foreign,
+    /// A format version this build does not read.
+    Version,
+    /// Shorter than its header or than `used`, or truncated while being read.
+    Truncated,
+    /// A record breaks the format.
+    Corrupt,
+}
+
+impl BadReason {
+    /// Label value used in self metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadReason::Foreign => "foreign",
+            BadReason::Version => "version",
+            BadReason::Truncated => "truncated",
+            BadReason::Corrupt => "corrupt",
+        }
+    }
+
+    fn of(e: &Error) -> BadReason {
+        match e {
+            Error::Foreign => BadReason::Foreign,
+            Error::Version(_) => BadReason::Version,
+            _ => BadReason::Corrupt,
+        }
+    }
+}
+
+/// An open worker file.
+pub struct WorkerFile {
+    path: PathBuf,
+    /// Our own open file description (`None` never happens after `open`).
+    file: Option<File>,
+    region: Option<Region>,
+    mapped: u64,
+    parsed_to: u64,
+    /// Writer pid (from the header).
+    pub pid: u64,
+    /// Writer's parent pid, 0 if none.
+    pub parent_pid: u64,
+    /// File creation time, unix ns.
+    pub start_time_ns: u64,
+    /// Random file id.
+    pub file_id: [u8; 16],
+    /// METRIC records, by id.
+    pub metrics: Vec<MetricDesc>,
+    /// SERIES records, in file order.
+    pub series: Vec<SeriesRef>,
+    buf: Vec<u8>,
+}
+
+fn truncated(what: &str) -> (BadReason, String) {
+    (BadReason::Truncated, what.to_string())
+}
+
+impl WorkerFile {
+    /// Opens a worker file and checks its header.
+    pub fn open(path: &Path) -> std::result::Result<WorkerFile, (BadReason, String)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| (BadReason::Corrupt, e.to_string()))?;
+        let mut wf = WorkerFile {
+            path: path.to_path_buf(),
+            file: Some(file),
+            region: None,
+            mapped: 0,
+            parsed_to: HEADER_SIZE,
+            pid: 0,
+            parent_pid: 0,
+            start_time_ns: 0,
+            file_id: [0; 16],
+            metrics: Vec::new(),
+            series: Vec::new(),
+            buf: Vec::new(),
+        };
+        wf.map()?;
+        let mut head = Vec::new();
+        let copied = wf.with_region(|r| r.copy_out(0, header::END as usize, &mut head).is_ok())?;
+        if !copied {
+            return Err(truncated("shorter than its header"));
+        }
+        layout::check_header(&head).map_err(|e| (BadReason::of(&e), e.to_string()))?;
+        let u64_at = |off: u64| {
+            let o = off as usize;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&head[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        wf.pid = u64_at(header::PID);
+        wf.parent_pid = u64_at(header::PARENT_PID);
+        wf.start_time_ns = u64_at(header::START_TIME_NS);
+        wf.file_id.copy_from_slice(&head[header::FILE_ID as usize..header::FILE_ID as usize + 16]);
+        Ok(wf)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// (Re)maps the file at its current size.
+    fn map(&mut self) -> std::result::Result<(), (BadReason, String)> {
+        let file = self.file.as_ref().ok_or_else(|| truncated("file closed"))?;
+        let size = file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
+        if size < HEADER_SIZE {
+            return Err(truncated("shorter than its header"));
+        }
+        if size != self.mapped || self.region.is_none() {
+            self.region = None;
+            let r = Region::map_file(file.as_fd(), size as usize, false)
+                .map_err(|e| (BadReason::Corrupt, format!("mmap: {e}")))?;
+            self.region = Some(r);
+            self.mapped = size;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the mapping under the SIGBUS guard; a truncation during `f` is an error and
+    /// drops the mapping.
+    fn with_region<R>(
+        &mut self,
+        f: impl FnOnce(&Region) -> R,
+    ) -> std::result::Result<R, (BadReason, String)> {
+        let region = self.region.as_ref().ok_or_else(|| truncated("not mapped"))?;
+        let (r, faulted) = region::guarded(region, || f(region));
+        if faulted {
+            self.region = None;
+            return Err(truncated("truncated while being read"));
+        }
+        Ok(r)
+    }
+
+    /// Parses records appended since the last call. Returns the index of the first new series.
+    pub fn refresh(&mut self) -> std::result::Result<usize, (BadReason, String)> {
+        let first_new = self.series.len();
+        let used = self.with_region(|r| r.atomic(header::USED).map(|a| a.load(Ordering::Acquire)))?;
+        let used = used.ok_or_else(|| truncated("no header"))?;
+        if used < HEADER_SIZE {
+            return Err((BadReason::Corrupt, "`used` is inside the header".into()));
+        }
+        if used == self.parsed_to {
+            return Ok(first_new);
+        }
+        if used < self.parsed_to {
+            return Err((BadReason::Corrupt, "`used` went backwards".into()));
+        }
+        if used > self.mapped {
+            self.map()?;
+            if used > self.mapped {
+                return Err(truncated("`used` is past the end of the file"));
+            }
+        }
+        let (from, len) = (self.parsed_to, (used - self.parsed_to) as usize);
+        let mut buf = std::mem::take(&mut self.buf);
+        let copied = self.with_region(|r| r.copy_out(from, len, &mut buf).is_ok());
+        let result = match copied {
+            Ok(true) => self.parse(&buf, from),
+            Ok(false) => Err(truncated("records past the mapping")),
+            Err(e) => Err(e),
+        };
+        buf.clear();
+        self.buf = buf;
+        result?;
+        self.parsed_to = used;
+        Ok(first_new)
+    }
+
+    fn parse(&mut self, mut buf: &[u8], mut at: u64) -> std::result::Result<(), (BadReason, String)> {
+        let bad = |e: Error| (BadReason::Corrupt, e.to_string());
+        while !buf.is_empty() {
+            let len = layout::record_len(buf).map_err(bad)?;
+            match layout::decode_record(&buf[..len]).map_err(bad)? {
+                Record::Metric { id, desc } => {
+                    if id as usize != self.metrics.len() {
+                        return Err((BadReason::Corrupt, format!("metric id {id} out of sequence")));
+                    }
+                    self.metrics.push(desc);
+                }
+                Record::Series { metric_id, label_values, slots, slots_offset } => {
+                    let desc = self.metrics.get(metric_id as usize).ok_or_else(|| {
+                        (BadReason::Corrupt, format!("series of unknown metric {metric_id}"))
+                    })?;
+                    if label_values.len() != desc.label_names.len() || slots as usize != desc.slots() {
+                        return Err((
+                            BadReason::Corrupt,
+                            format!("series of {} does not match its metric", desc.name),
+                        ));
+                    }
+                    self.series.push(SeriesRef {
+                        metric_id,
+                        label_values,
+                        slots_at: at + u64::from(slots_offset),
+                        slots,
+                    });
+                }
+                Record::Unknown => {}
+            }
+            buf = &buf[len..];
+            at += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(series index, slots)` for every parsed series, reading slots atomically.
+    pub fn for_each_values(
+        &mut self,
+        mut f: impl FnMut(usize, &[AtomicU64]),
+    ) -> std::result::Result<(), (BadReason, String)> {
+        let series = &self.series;
+        let region = self.region.as_ref().ok_or_else(|| truncated("not mapped"))?;
+        let (ok, faulted) = region::guarded(region, || {
+            for (i, s) in series.iter().enumerate() {
+                match region.atomics(s.slots_at, s.slots as usize) {
+                    Some(slots) => f(i, slots),
+                    None => return false,
+                }
+            }
+            true
+        });
+        if faulted {
+            self.region = None;
+            return Err(truncated("truncated while being read"));
+        }
+        if !ok {
+            return Err(truncated("value slots past the mapping"));
+        }
+        Ok(())
+    }
+
+    /// A header counter (flags, dropped_series, dropped_updates), 0 if unreadable.
+    pub fn header_word(&mut self, off: u64) -> u64 {
+        self.with_region(|r| r.atomic(off).map_or(0, |a| a.load(Ordering::Acquire))).unwrap_or(0)
+    }
+
+    /// Whether the writer is gone: no process holds the file's lock any more.
+    ///
+    /// Tries `flock(LOCK_EX|LOCK_NB)` on our own open file description and releases it at once.
+    pub fn is_dead(&mut self) -> Result<bool> {
+        let Some(file) = &self.file else { return Ok(true) };
+        match file.try_lock() {
+            Ok(()) => {
+                file.unlock().map_err(|e| Error::io(&self.path, e))?;
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&self.path, e)),
+        }
+    }
+}
