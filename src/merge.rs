@@ -113,8 +113,11 @@ impl Value {
             Rule::AddU64 => self.combine(rule, &Value::U64(word(0))),
             Rule::Recent => {
                 // Timestamp first (acquire), then the value the writer stored before it.
+                // Timestamp 0 means the process never set the gauge: no contribution.
                 let ts = slots.get(1).map_or(0, |a| a.load(Ordering::Acquire));
-                self.combine(rule, &Value::Recent { ts, v: f(0) })
+                if ts != 0 {
+                    self.combine(rule, &Value::Recent { ts, v: f(0) });
+                }
             }
             Rule::Hist => {
                 let n = slots.len().saturating_sub(1);

@@ -3,3 +3,8 @@
 mod util;
 
 mod layout_doc;
+mod dir_rules;
+mod robustness;
+mod workers;
+mod run_cmd;
+mod formats;

@@ -1,17 +1,266 @@
-//! Shared helpers: locating binaries, temp dirs, spawning workloads, scraping.
+//! Shared helpers: locating binaries, running the aggregator and workloads, scraping, parsing.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
-/// Path of a binary built by cargo for this test run (`shmetrics`, or an example).
+/// Path of an example binary built by cargo for this test run.
 pub fn example_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/it-<hash> → target/<profile>/examples/<name>
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
-    profile_dir.join("examples").join(name)
+    let p = profile_dir.join("examples").join(name);
+    assert!(p.exists(), "{} not built: run the tests with `cargo test` (which builds examples)", p.display());
+    p
 }
 
 /// Path of the `shmetrics` binary.
 pub fn shmetrics_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shmetrics"))
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, unless already reaped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+    /// Waits for exit (with a timeout) and returns the status.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_for(timeout, "process exit", || self.child.try_wait().expect("try_wait"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running aggregator (`shmetrics serve` or `shmetrics run`) and the address it serves on.
+pub struct Served {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    /// Everything the process wrote to stderr so far is drained into this file by a thread.
+    pub log: PathBuf,
+}
+
+/// Starts `shmetrics <args>` with `--listen 127.0.0.1:0` appended before any `--`, and waits for
+/// the "serving http://ADDR/metrics" log line. Extra environment in `env`.
+pub fn spawn_shmetrics(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Served {
+    let mut full: Vec<String> = Vec::new();
+    let mut inserted = false;
+    for a in args {
+        if *a == "--" && !inserted {
+            full.extend(["--listen".into(), "127.0.0.1:0".into()]);
+            inserted = true;
+        }
+        full.push((*a).to_string());
+    }
+    if !inserted {
+        full.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    }
+    let mut cmd = Command::new(shmetrics_bin());
+    cmd.args(&full).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    cmd.env("SHMETRICS_LOG", "info").env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn shmetrics");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = log_dir.join(format!("shmetrics-{}.log", child.id()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log_path = log.clone();
+    std::thread::spawn(move || {
+        let mut out = std::fs::File::create(&log_path).expect("log file");
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(out, "{line}");
+            if !sent {
+                if let Some(rest) = line.split("serving http://").nth(1) {
+                    let addr = rest.split('/').next().unwrap_or("").to_string();
+                    let _ = tx.send(Ok(addr));
+                    sent = true;
+                } else if line.contains("error") {
+                    let _ = tx.send(Err(line.clone()));
+                    sent = true;
+                }
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err("exited before serving".into()));
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(a)) => a.parse().expect("addr"),
+        Ok(Err(e)) => panic!("shmetrics did not start: {e}"),
+        Err(_) => panic!("shmetrics did not start within 20 s"),
+    };
+    Served { proc: Proc { child }, addr, log }
+}
+
+/// Starts `shmetrics serve --dir DIR [extra]`.
+pub fn serve(dir: &Path, extra: &[&str]) -> Served {
+    let d = dir.to_str().expect("utf-8 path");
+    let mut args = vec!["serve", "--dir", d];
+    args.extend_from_slice(extra);
+    spawn_shmetrics(&args, &[], dir.parent().unwrap_or(dir))
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("utf-8 body")
+    }
+}
+
+/// A minimal HTTP/1.1 GET (Connection: close) with extra request headers.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let head = std::str::from_utf8(&raw[..end]).expect("head utf-8");
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Response { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").expect("chunk size");
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).expect("hex").trim(), 16).expect("hex");
+        b = &b[nl + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// GET /metrics as Prometheus text.
+pub fn scrape(addr: SocketAddr) -> String {
+    let r = http_get(addr, "/metrics", &[]);
+    assert_eq!(r.status, 200, "scrape status");
+    r.text()
+}
+
+/// Samples of a Prometheus text exposition: `name{labels}` exactly as written → value.
+/// Comment lines are skipped; the line key keeps label order and escaping as exposed.
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("sample line");
+        let v = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        out.insert(key.to_string(), v);
+    }
+    out
+}
+
+/// A `workload` example run: the process and the pids it printed in its READY line.
+pub struct Workload {
+    pub proc: Proc,
+    pub pids: Vec<i32>,
+    pub stdout: BufReader<ChildStdout>,
+}
+
+/// Starts `workload` with SHMETRICS_DIR=dir and `args`, waits for its READY line.
+pub fn workload(dir: &Path, args: &[&str]) -> Workload {
+    let mut child = Command::new(example_bin("workload"))
+        .args(args)
+        .env("SHMETRICS_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn workload");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("READY line");
+    let pids: Vec<i32> = line
+        .strip_prefix("READY")
+        .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    Workload { proc: Proc { child }, pids, stdout }
+}
+
+/// Names of the entries of a directory, sorted.
+pub fn ls(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+    v.sort();
+    v
+}
+
+/// Number of worker files (`w-*.shm`) in a directory.
+pub fn worker_files(dir: &Path) -> usize {
+    ls(dir).iter().filter(|n| n.starts_with("w-") && n.ends_with(".shm")).count()
 }
