@@ -3,7 +3,7 @@
 //! Every other module goes through this one to touch a mapping, so the format lives in one place and
 //! the crate's `unsafe` lives in one file ([`region`]). Writers and readers in other languages work
 //! from `shm-layout.md`; the constants below are named after its fields, and the tests in
-//! `tests/it/layout.rs` check the worked example of that document byte for byte.
+//! `tests/it/layout_doc.rs` check the worked example of that document byte for byte.
 //!
 //! A file is a 4096-byte header followed by an append-only log of 8-byte aligned records. Records
 //! are immutable once published except for their value slots, which are 8-byte atomics. A writer
@@ -516,8 +516,11 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
 
 /// Checks the invariants of a metric description (names, label names, buckets, mode).
 pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
-    if !valid_metric_name(&d.name) {
+    if !valid_metric_name(&d.name) || d.name.len() > MAX_STRING {
         return Err(Error::InvalidName(d.name.clone()));
+    }
+    if d.metric_type != MetricType::Counter && d.value_type != ValueType::F64 {
+        return Err(corrupt("gauges and histograms hold f64 values"));
     }
     if d.help.len() > MAX_STRING {
         return Err(Error::InvalidName(format!("{}: help text over 64 KiB", d.name)));
@@ -527,7 +530,11 @@ pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
     }
     for (i, l) in d.label_names.iter().enumerate() {
         let reserved = l == "pid" && d.gauge_mode.is_some_and(GaugeMode::per_process);
-        if !valid_label_name(l) || reserved || (l == "le" && d.metric_type == MetricType::Histogram) {
+        if !valid_label_name(l)
+            || l.len() > MAX_STRING
+            || reserved
+            || (l == "le" && d.metric_type == MetricType::Histogram)
+        {
             return Err(Error::InvalidLabelName(format!("{}: {l:?}", d.name)));
         }
         if d.label_names[..i].contains(l) {

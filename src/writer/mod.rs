@@ -37,14 +37,17 @@ pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 pub(crate) struct RegistryState {
     metrics: Vec<MetricEntry>,
     by_name: std::collections::HashMap<String, u32>,
+    /// METRIC records written to the file so far (the next file metric id).
+    published: u32,
 }
 
 struct MetricEntry {
     desc: MetricDesc,
     /// Bucket bounds with `'static` lifetime for histogram handles (leaked once per metric).
     bounds: &'static [f64],
-    /// Whether the METRIC record made it into the file; if not, every series goes to scratch.
-    published: bool,
+    /// The metric's id in the file, if its METRIC record made it in; if not, every series goes
+    /// to scratch.
+    published: Option<u32>,
     /// Label values → offset of the first slot, or [`NO_ROOM`].
     children: HashMap<Box<[String]>, u64>,
 }
@@ -170,11 +173,17 @@ impl Registry {
             return Ok(id);
         }
         let id = st.registry.metrics.len() as u32;
-        let record = layout::encode_metric(id, &desc);
-        // A metric that finds no room still gets an entry, so its series become scratch handles.
-        let published = store.append(&mut st, &record).is_some();
-        if !published {
-            store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
+        // File metric ids count only METRIC records that made it into the file (readers require
+        // them in sequence); a metric that finds no room still gets an entry here, so its series
+        // become scratch handles.
+        let file_id = st.registry.published;
+        let record = layout::encode_metric(file_id, &desc);
+        let published = store.append(&mut st, &record).map(|_| file_id);
+        match published {
+            Some(_) => st.registry.published += 1,
+            None => {
+                store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
+            }
         }
         let bounds: &'static [f64] = Box::leak(desc.buckets.clone().into_boxed_slice());
         st.registry.by_name.insert(desc.name.clone(), id);
@@ -258,8 +267,8 @@ impl Registry {
                 if values.iter().any(|v| v.len() > layout::MAX_STRING) {
                     return Err(Error::InvalidLabelValue(entry.desc.name.clone()));
                 }
-                let off = if entry.published {
-                    let (record, slots_offset) = layout::encode_series(id, values, n_slots);
+                let off = if let Some(file_id) = entry.published {
+                    let (record, slots_offset) = layout::encode_series(file_id, values, n_slots);
                     store.append(st, &record).map(|rec| rec + slots_offset as u64)
                 } else {
                     None
@@ -522,7 +531,12 @@ impl Histogram {
         let i = if self.bounds.len() <= 16 {
             self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len())
         } else {
-            self.bounds.partition_point(|b| *b < v)
+            // NaN compares false with every bound: it belongs in +Inf, as on the linear path.
+            if v.is_nan() {
+                self.bounds.len()
+            } else {
+                self.bounds.partition_point(|b| *b < v)
+            }
         };
         let n = self.slots.values.len();
         if let (Some(bucket), Some(sum)) = (self.slots.values.get(i), self.slots.values.get(n - 1)) {

@@ -1,7 +1,7 @@
 //! One process's file: creating it, appending records, and moving to a new file after `fork`.
 //!
 //! Lifecycle of a file, as `shm-layout.md` specifies it:
-//! 1. create `.w-<pid>-<id>.tmp` with `O_EXCL`, take an exclusive `flock` on it, allocate 64 KiB,
+//! 1. create `.w-<pid>-<id>.shm.tmp` with `O_EXCL`, take an exclusive `flock` on it, allocate 64 KiB,
 //!    write the header, then rename it to `w-<pid>-<id>.shm`. The aggregator ignores temp names, so
 //!    it never sees a published file whose writer does not hold the lock yet.
 //! 2. append records under the registration lock: grow the file with `posix_fallocate` (which fails
@@ -227,6 +227,9 @@ impl Store {
         let dir = dir.clone();
         let mut records = Vec::new();
         let copied = self.region.copy_out(HEADER_SIZE, (st.used - HEADER_SIZE) as usize, &mut records);
+        // Zero the parent's values in the copy *before* the file is published: a reader must never
+        // see the child's file holding the parent's values (they would be counted twice).
+        zero_slots(&mut records);
         let moved = copied.and_then(|()| {
             let (lock, file_id, size) = create_file(&dir, st.pid, parent_pid, self.reserve, &records)?;
             self.region.remap_fixed(Some(lock.as_fd()))?;
@@ -252,33 +255,27 @@ impl Store {
                 st.degraded = Some(format!("after fork: {e}"));
             }
         }
-        self.zero_slots(st.used);
     }
+}
 
-    /// Zeroes every value slot of the records in `[HEADER_SIZE, used)` (a forked child starts from
-    /// zero so its parent's values are not counted twice).
-    fn zero_slots(&self, used: u64) {
-        let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let mut off = HEADER_SIZE;
-        let mut head = Vec::with_capacity(layout::SERIES_FIXED);
-        while off + layout::RECORD_HEADER as u64 <= used {
-            let n = layout::SERIES_FIXED.min((used - off) as usize);
-            if self.region.copy_out(off, n, &mut head).is_err() {
-                return;
-            }
-            let len = u64::from(le32(&head, 0));
-            if len < layout::RECORD_HEADER as u64 || len % 8 != 0 {
-                return;
-            }
-            let kind = u16::from_le_bytes([head[4], head[5]]);
-            if kind == layout::kind::SERIES && head.len() == layout::SERIES_FIXED {
-                let (slots, slots_off) = (u64::from(le32(&head, 12)), u64::from(le32(&head, 16)));
-                for a in self.region.atomics(off + slots_off, slots as usize).unwrap_or(&[]) {
-                    a.store(0, Ordering::Relaxed);
-                }
-            }
-            off += len;
+/// Zeroes the value slots of every SERIES record in `records` (a copy of a log starting at
+/// [`HEADER_SIZE`]): a forked child starts from zero so its parent's values are not counted twice.
+fn zero_slots(records: &mut [u8]) {
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+    let mut off = 0;
+    while off + layout::SERIES_FIXED <= records.len() {
+        let rec = &records[off..];
+        let len = le32(rec, 0);
+        if len < layout::RECORD_HEADER || len % 8 != 0 || len > rec.len() {
+            return; // our own log; cannot happen, but never loop or panic on it
         }
+        if u16::from_le_bytes([rec[4], rec[5]]) == layout::kind::SERIES {
+            let (slots, at) = (le32(rec, 12), le32(rec, 16));
+            if let Some(bytes) = records.get_mut(off + at..off + at + 8 * slots) {
+                bytes.fill(0);
+            }
+        }
+        off += len;
     }
 }
 
