@@ -258,6 +258,8 @@ impl Master {
         while self.workers.len() < self.target {
             match fork() {
                 Ok(ForkResult::Child) => {
+                    // Die with the master, like gunicorn's workers: no orphans holding the socket.
+                    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                     let code = match worker(&self.listener, &mut self.metrics, self.max_requests) {
                         Ok(()) => 0,
                         Err(e) => {

@@ -180,6 +180,8 @@ fn main() -> Result<()> {
         match fork() {
             Ok(ForkResult::Child) => {
                 drop(rd);
+                // Die with the master (a test harness may SIGKILL it): no orphaned workers.
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 let code = match run_worker(w, &args, &handles, File::from(wr)) {
                     Ok(()) => 0,
                     Err(e) => {

@@ -97,7 +97,11 @@ pub struct Aggregator {
     bad: HashMap<String, Bad>,
     merger: Merger,
     totals: Totals,
+    /// Ids of folded files that may still exist (persisted in the archive).
     folded: Vec<String>,
+    /// Ids of every file folded by this aggregator or listed by the archive it loaded: a file
+    /// carrying one of them is removed, never folded again (a failed unlink, a copy put back).
+    folded_ever: std::collections::HashSet<String>,
     dead_since_rebuild: usize,
     stats: Stats,
     workers: Vec<WorkerInfo>,
@@ -119,6 +123,7 @@ impl Aggregator {
             bad: HashMap::new(),
             merger,
             totals: loaded.totals,
+            folded_ever: loaded.folded.iter().cloned().collect(),
             folded: loaded.folded,
             dead_since_rebuild: 0,
             stats: Stats::default(),
@@ -229,6 +234,22 @@ impl Aggregator {
             }
             match WorkerFile::open(&path) {
                 Ok(file) => {
+                    let id = layout::file_id_hex(&file.file_id);
+                    if self.folded_ever.contains(&id) {
+                        // Folded already (its removal failed, or a copy was put back).
+                        if file.is_dead_now() {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                        continue;
+                    }
+                    if self.files.values().any(|t| t.file.file_id == file.file_id) {
+                        self.mark_bad(
+                            name,
+                            BadReason::Corrupt,
+                            "a copy of another worker's file (same file id)",
+                        );
+                        continue;
+                    }
                     self.bad.remove(name);
                     self.files
                         .insert(name.clone(), Tracked { file, families: Vec::new(), series: Vec::new() });
@@ -306,7 +327,7 @@ impl Aggregator {
         for name in dead {
             let Some(mut t) = self.files.remove(&name) else { continue };
             let id = layout::file_id_hex(&t.file.file_id);
-            if !self.folded.contains(&id) {
+            if !self.folded_ever.contains(&id) {
                 let merger = &mut self.merger;
                 let map = &t.series;
                 let read = t.file.for_each_values(|i, slots| {
@@ -328,10 +349,11 @@ impl Aggregator {
                 }
                 self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
                 self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);
-                self.folded.push(id);
+                self.folded.push(id.clone());
+                self.folded_ever.insert(id.clone());
                 self.dead_since_rebuild += 1;
             }
-            removed.push(t.file.path().to_path_buf());
+            removed.push((id, t.file.path().to_path_buf()));
         }
         // Persist first, then remove: a crash in between leaves files whose ids the archive
         // lists, which the next pass removes without folding them again.
@@ -339,15 +361,16 @@ impl Aggregator {
             tracing::error!("cannot save the archive, dead workers' files are kept until it works: {e}");
             return;
         }
-        for p in removed {
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
+        for (id, p) in removed {
+            match std::fs::remove_file(&p) {
+                Ok(()) => self.folded.retain(|f| *f != id),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.folded.retain(|f| *f != id),
+                Err(e) => {
+                    // Kept in `folded` (and `folded_ever`): it is retried, never folded again.
                     tracing::warn!(file = %p.display(), "cannot remove a dead worker's file: {e}");
                 }
             }
         }
-        // Every listed file is gone now; the next save forgets them.
-        self.folded.clear();
     }
 
     fn collect_workers(&mut self) {

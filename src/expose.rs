@@ -182,7 +182,20 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
 
 /// Encodes a snapshot in `format`.
 pub fn encode(snapshot: &Snapshot, format: Format) -> String {
-    let mut out = String::with_capacity(snapshot.series_count() * 64 + 1024);
+    // Histograms write one line per bucket plus two: size the buffer for the lines, not the series.
+    let lines: usize = snapshot
+        .families
+        .iter()
+        .map(|f| {
+            f.series.len()
+                * (if f.meta.desc.metric_type == MetricType::Histogram {
+                    f.meta.desc.buckets.len() + 3
+                } else {
+                    1
+                })
+        })
+        .sum();
+    let mut out = String::with_capacity(lines * 72 + 1024);
     for f in &snapshot.families {
         encode_family(&mut out, f, format);
     }

@@ -109,6 +109,12 @@ impl Value {
     pub fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) {
         let word = |i: usize| slots.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
         let f = |i: usize| f64::from_bits(word(i));
+        // The hot cases add in place; the rest go through `combine`.
+        match (rule, &mut *self) {
+            (Rule::AddU64, Value::U64(a)) => return *a = a.wrapping_add(word(0)),
+            (Rule::AddF64, Value::F64(a)) => return *a += f(0),
+            _ => {}
+        }
         match rule {
             Rule::AddU64 => self.combine(rule, &Value::U64(word(0))),
             Rule::Recent => {

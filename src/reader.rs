@@ -96,6 +96,10 @@ impl WorkerFile {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| (BadReason::Corrupt, e.to_string()))?;
+        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !is_file {
+            return Err((BadReason::Foreign, "not a regular file".into()));
+        }
         let mut wf = WorkerFile {
             path: path.to_path_buf(),
             file: Some(file),
@@ -127,6 +131,15 @@ impl WorkerFile {
         wf.parent_pid = u64_at(header::PARENT_PID);
         wf.start_time_ns = u64_at(header::START_TIME_NS);
         wf.file_id.copy_from_slice(&head[header::FILE_ID as usize..header::FILE_ID as usize + 16]);
+        // The name repeats the header's pid and id; a file renamed or copied under another name is
+        // not what it claims to be, and counting it would count a worker twice.
+        let expected = layout::file_name(wf.pid, &wf.file_id);
+        if path.file_name().and_then(|n| n.to_str()) != Some(expected.as_str()) {
+            return Err((
+                BadReason::Corrupt,
+                format!("header says it is {expected} (renamed or copied file)"),
+            ));
+        }
         Ok(wf)
     }
 
@@ -267,6 +280,14 @@ impl WorkerFile {
     /// A header counter (flags, dropped_series, dropped_updates), 0 if unreadable.
     pub fn header_word(&mut self, off: u64) -> u64 {
         self.with_region(|r| r.atomic(off).map_or(0, |a| a.load(Ordering::Acquire))).unwrap_or(0)
+    }
+
+    /// [`WorkerFile::is_dead`] for a caller that cannot act on errors: an error counts as alive.
+    pub fn is_dead_now(&self) -> bool {
+        self.file.as_ref().is_some_and(|f| match f.try_lock() {
+            Ok(()) => f.unlock().is_ok(),
+            Err(_) => false,
+        })
     }
 
     /// Whether the writer is gone: no process holds the file's lock any more.

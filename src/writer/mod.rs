@@ -411,9 +411,44 @@ impl<M> std::fmt::Debug for Family<M> {
     }
 }
 
+/// Key of the per-thread handle cache: which family (store address and metric id) and labels.
+#[derive(PartialEq, Eq, Hash)]
+struct CacheKey {
+    family: (usize, u32),
+    labels: Box<[String]>,
+}
+
+/// Borrowed form of [`CacheKey`]; hashes identically (see [`LabelsRef`]).
+struct CacheRef<'a> {
+    family: (usize, u32),
+    labels: &'a [&'a str],
+}
+
+impl Hash for CacheRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.family.hash(state);
+        self.labels.hash(state);
+    }
+}
+
+impl Equivalent<CacheKey> for CacheRef<'_> {
+    fn equivalent(&self, key: &CacheKey) -> bool {
+        self.family == key.family && LabelsRef(self.labels).equivalent(&key.labels)
+    }
+}
+
+thread_local! {
+    /// Series handles this thread already resolved. Series are never removed and their slots
+    /// never move (not even across fork), so a cached handle stays valid for the life of the
+    /// process; hits need no lock.
+    static HANDLES: std::cell::RefCell<HashMap<CacheKey, (Slots, &'static [f64])>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 impl<M: Metric> Family<M> {
     /// The handle of the series with these label values (in label-name order), creating it on
-    /// first use. Cache the handle where you can: the lookup takes the registry's lock.
+    /// first use. Lookups of existing series take no lock (each thread caches what it resolved);
+    /// caching the handle yourself is faster still.
     pub fn with_labels(&self, values: &[&str]) -> Result<M> {
         if values.len() != self.n_labels {
             return Err(Error::LabelCount {
@@ -422,7 +457,14 @@ impl<M: Metric> Family<M> {
                 got: values.len(),
             });
         }
+        let family = (self.registry.store.map_or(0, |s| s as *const Store as usize), self.id);
+        let hit = HANDLES.with(|c| c.borrow().get(&CacheRef { family, labels: values }).copied());
+        if let Some((slots, bounds)) = hit {
+            return Ok(M::from_parts(SlotsPub(slots), bounds));
+        }
         let (slots, bounds) = self.registry.child(self.id, values)?;
+        let key = CacheKey { family, labels: values.iter().map(|v| (*v).to_owned()).collect() };
+        HANDLES.with(|c| c.borrow_mut().insert(key, (slots, bounds)));
         Ok(M::from_parts(SlotsPub(slots), bounds))
     }
 }

@@ -2,9 +2,9 @@
 
 mod util;
 
-mod layout_doc;
 mod dir_rules;
-mod robustness;
-mod workers;
-mod run_cmd;
 mod formats;
+mod layout_doc;
+mod robustness;
+mod run_cmd;
+mod workers;

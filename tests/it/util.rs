@@ -55,8 +55,18 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first (so a master can stop its workers), SIGKILL after 3 s.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.pid());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -92,8 +102,10 @@ pub fn spawn_shmetrics(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> S
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn shmetrics");
+    let mut proc = Proc { child: cmd.spawn().expect("spawn shmetrics") };
+    let child = &mut proc.child;
     let stderr = child.stderr.take().expect("stderr");
+    std::fs::create_dir_all(log_dir).expect("log dir");
     let log = log_dir.join(format!("shmetrics-{}.log", child.id()));
     let (tx, rx) = std::sync::mpsc::channel();
     let log_path = log.clone();
@@ -122,7 +134,7 @@ pub fn spawn_shmetrics(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> S
         Ok(Err(e)) => panic!("shmetrics did not start: {e}"),
         Err(_) => panic!("shmetrics did not start within 20 s"),
     };
-    Served { proc: Proc { child }, addr, log }
+    Served { proc, addr, log }
 }
 
 /// Starts `shmetrics serve --dir DIR [extra]`.
@@ -169,7 +181,8 @@ fn parse_response(raw: &[u8]) -> Response {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
     let head = std::str::from_utf8(&raw[..end]).expect("head utf-8");
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let status: u16 =
+        lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
         .collect();
@@ -187,7 +200,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let nl = b.windows(2).position(|w| w == b"\r\n").expect("chunk size");
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).expect("hex").trim(), 16).expect("hex");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..nl]).expect("hex").trim(), 16).expect("hex");
         b = &b[nl + 2..];
         if size == 0 {
             return out;
@@ -254,8 +268,10 @@ pub fn workload(dir: &Path, args: &[&str]) -> Workload {
 
 /// Names of the entries of a directory, sorted.
 pub fn ls(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
     v.sort();
     v
 }
