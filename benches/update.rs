@@ -81,10 +81,10 @@ fn update(c: &mut Criterion) {
     });
     g.finish();
 
-    // The handles above wrote into the file, not into scratch slots.
+    // The handles above wrote into the file, not into scratch slots. (A filter on the command line
+    // may have skipped the benchmarks, so only check what ran: both sides advance together.)
     assert_eq!(reg.dropped_updates(), 0);
-    assert!(counter.get() > 0 && hist.get().0 > 0);
-    assert!(pc_counter.get() > 0);
+    assert_eq!(counter.get() > 0, pc_counter.get() > 0);
 }
 
 fn labelled(c: &mut Criterion) {

@@ -441,8 +441,8 @@ thread_local! {
     /// Series handles this thread already resolved. Series are never removed and their slots
     /// never move (not even across fork), so a cached handle stays valid for the life of the
     /// process; hits need no lock.
-    static HANDLES: std::cell::RefCell<HashMap<CacheKey, (Slots, &'static [f64])>> =
-        std::cell::RefCell::new(HashMap::new());
+    static HANDLES: std::cell::RefCell<Option<HashMap<CacheKey, (Slots, &'static [f64])>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl<M: Metric> Family<M> {
@@ -458,13 +458,14 @@ impl<M: Metric> Family<M> {
             });
         }
         let family = (self.registry.store.map_or(0, |s| s as *const Store as usize), self.id);
-        let hit = HANDLES.with(|c| c.borrow().get(&CacheRef { family, labels: values }).copied());
+        let hit = HANDLES
+            .with(|c| c.borrow().as_ref().and_then(|m| m.get(&CacheRef { family, labels: values }).copied()));
         if let Some((slots, bounds)) = hit {
             return Ok(M::from_parts(SlotsPub(slots), bounds));
         }
         let (slots, bounds) = self.registry.child(self.id, values)?;
         let key = CacheKey { family, labels: values.iter().map(|v| (*v).to_owned()).collect() };
-        HANDLES.with(|c| c.borrow_mut().insert(key, (slots, bounds)));
+        HANDLES.with(|c| c.borrow_mut().get_or_insert_with(HashMap::new).insert(key, (slots, bounds)));
         Ok(M::from_parts(SlotsPub(slots), bounds))
     }
 }
