@@ -437,12 +437,14 @@ impl Equivalent<CacheKey> for CacheRef<'_> {
     }
 }
 
+/// Resolved series of one thread: slots and bucket bounds by family and labels.
+type HandleCache = HashMap<CacheKey, (Slots, &'static [f64])>;
+
 thread_local! {
     /// Series handles this thread already resolved. Series are never removed and their slots
     /// never move (not even across fork), so a cached handle stays valid for the life of the
     /// process; hits need no lock.
-    static HANDLES: std::cell::RefCell<Option<HashMap<CacheKey, (Slots, &'static [f64])>>> =
-        const { std::cell::RefCell::new(None) };
+    static HANDLES: std::cell::RefCell<Option<HandleCache>> = const { std::cell::RefCell::new(None) };
 }
 
 impl<M: Metric> Family<M> {
