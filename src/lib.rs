@@ -65,6 +65,7 @@
 //! for the directory (ownership, what is cleared at start-up) and [`aggregator`] ties a scrape
 //! together.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod aggregator;
 pub mod archive;

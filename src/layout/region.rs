@@ -11,6 +11,8 @@
 //!   file that someone truncates while it is being read would normally raise SIGBUS; [`guarded`]
 //!   turns that into "this file is bad" for the one read in progress.
 
+#![allow(unsafe_code)] // The one module allowed to: see the module docs.
+
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

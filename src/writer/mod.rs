@@ -618,3 +618,60 @@ impl Metric for Histogram {
         Histogram { slots: s.0, bounds }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync + Copy>() {}
+
+    #[test]
+    fn handles_are_send_sync_copy() {
+        send_sync::<Counter>();
+        send_sync::<CounterF64>();
+        send_sync::<Gauge>();
+        send_sync::<Histogram>();
+        send_sync::<Registry>();
+        fn family<T: Send + Sync + Clone>() {}
+        family::<Family<Counter>>();
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        let reg = Registry::in_process();
+        assert!(matches!(reg.counter("1bad", "x"), Err(Error::InvalidName(_))));
+        assert!(matches!(reg.counter_family("ok", "x", &["__x"]), Err(Error::InvalidLabelName(_))));
+        assert!(matches!(reg.histogram_family("h", "x", &[1.0], &["le"]), Err(Error::InvalidLabelName(_))));
+        assert!(matches!(reg.histogram("h2", "x", &[2.0, 1.0]), Err(Error::InvalidBuckets(_))));
+        assert!(matches!(
+            reg.gauge_family("g", "x", GaugeMode::All, &["pid"]),
+            Err(Error::InvalidLabelName(_))
+        ));
+        let fam = reg.counter_family("c", "x", &["a", "b"]).unwrap();
+        assert!(matches!(fam.with_labels(&["1"]), Err(Error::LabelCount { expected: 2, got: 1, .. })));
+        assert!(matches!(reg.gauge("c", "x", GaugeMode::Sum), Err(Error::Conflict { .. })));
+        // The same definition again is the same metric.
+        let again = reg.counter_family("c", "x", &["a", "b"]).unwrap();
+        again.with_labels(&["1", "2"]).unwrap().inc_by(3);
+        assert_eq!(fam.with_labels(&["1", "2"]).unwrap().get(), 3);
+    }
+
+    #[test]
+    fn histogram_buckets_and_nan() {
+        let reg = Registry::in_process();
+        let bounds: Vec<f64> = (1..=20).map(f64::from).collect();
+        let h = reg.histogram("big", "x", &bounds).unwrap();
+        let small = reg.histogram("small", "x", &[1.0, 2.0]).unwrap();
+        for hist in [h, small] {
+            hist.observe(f64::NAN);
+            hist.observe(1.0);
+            hist.observe(100.0);
+            let n = hist.slots.values.len();
+            let buckets: Vec<u64> =
+                hist.slots.values[..n - 1].iter().map(|b| b.load(Ordering::Relaxed)).collect();
+            assert_eq!(buckets[0], 1, "1.0 is in le=1");
+            assert_eq!(buckets[n - 2], 2, "NaN and 100 are in +Inf");
+            assert_eq!(buckets.iter().sum::<u64>(), 3);
+        }
+    }
+}
