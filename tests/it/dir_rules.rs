@@ -564,3 +564,22 @@ fn dropped_series_and_updates_are_counted_and_exposed() {
     assert!(!s.contains_key(&format!("dr_series_total{{i=\"{dropped_i}\"}}")));
     assert!(!s.keys().any(|k| k.starts_with("dr_gauge") || k.starts_with("dr_hist")));
 }
+
+/// SIGTERM and SIGINT stop the aggregator cleanly: exit status 0, the directory is released (a new
+/// aggregator can own it at once) and nothing of the workers' is lost.
+#[test]
+fn sigterm_and_sigint_shut_down_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let wl = util::workload(&dir, &["--workers", "2", "--series", "1", "--hold"]);
+    for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        let mut served = util::serve(&dir, &[]);
+        let before = util::samples(&util::scrape(served.addr));
+        assert_eq!(before["wl_requests_total{route=\"/r0\"}"], 3.0);
+        served.proc.signal(sig);
+        let status = served.proc.wait_timeout(std::time::Duration::from_secs(10));
+        assert!(status.success(), "{sig}: {status:?}");
+        assert_eq!(util::worker_files(&dir), 3, "{sig}: the live workers' files are kept");
+    }
+    drop(wl);
+}
