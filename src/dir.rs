@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::reader::WorkerFile;
 
 /// Name of the lock file the aggregator holds.
 pub const LOCK_FILE: &str = "aggregator.lock";
@@ -92,10 +91,13 @@ pub fn lock(dir: &Path) -> Result<DirLock> {
 pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
     let dir = lock.dir();
     let names = list(dir)?;
+    // Liveness is the lock alone, never whether we can parse a file: a live writer's file must
+    // not be removed because it looks odd to this build.
     let any_live = !wipe
-        && names.iter().filter(|n| layout::is_writer_file(n)).any(|n| {
-            WorkerFile::open(&dir.join(n)).ok().is_some_and(|mut f| f.is_dead().ok() == Some(false))
-        });
+        && names
+            .iter()
+            .filter(|n| layout::is_writer_file(n) || layout::is_writer_temp(n))
+            .any(|n| is_locked(&dir.join(n)));
     if any_live {
         return Ok(Startup::Restart);
     }
@@ -108,6 +110,19 @@ pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
         }
     }
     Ok(if wipe { Startup::Wiped } else { Startup::Fresh })
+}
+
+/// Whether some process holds the `flock` of a file (an error opening or locking it counts as
+/// held: when in doubt, keep the file).
+fn is_locked(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return true };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
+        }
+        Err(_) => true,
+    }
 }
 
 /// The entry names of a directory (non-UTF-8 names are not ours and are skipped).

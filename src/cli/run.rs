@@ -5,6 +5,7 @@
 //! TTOU — gunicorn and uWSGI use all of them), and exits with the child's status (128 + signal
 //! number when the child was killed by a signal, as shells report it).
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,7 @@ fn private_dir() -> anyhow::Result<tempfile::TempDir> {
         .unwrap_or_else(std::env::temp_dir);
     tempfile::Builder::new()
         .prefix("shmetrics-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&base)
         .with_context(|| format!("cannot create a private directory in {}", base.display()))
 }
@@ -60,6 +62,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         })?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(agg);
+        // Handlers first: a signal that arrives once the child exists must be forwarded, not kill
+        // us and orphan the child.
+        let mut streams = Vec::new();
+        for sig in FORWARDED {
+            streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
+        }
         let (program, rest) = args.command.split_first().context("no command given after --")?;
         let mut child = tokio::process::Command::new(program)
             .args(rest)
@@ -78,10 +86,6 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             let _ = stop_rx.await;
         }));
         let upkeep = tokio::spawn(serve::upkeep(shared.clone(), args.agg.upkeep()));
-        let mut streams = Vec::new();
-        for sig in FORWARDED {
-            streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
-        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (sig, mut s) in streams {
             let tx = tx.clone();

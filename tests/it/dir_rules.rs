@@ -571,6 +571,7 @@ fn dropped_series_and_updates_are_counted_and_exposed() {
 fn sigterm_and_sigint_shut_down_cleanly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("mp");
+    mkdir(&dir);
     let wl = util::workload(&dir, &["--workers", "2", "--series", "1", "--hold"]);
     for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
         let mut served = util::serve(&dir, &[]);
