@@ -584,3 +584,22 @@ fn sigterm_and_sigint_shut_down_cleanly() {
     }
     drop(wl);
 }
+
+/// Start-up decides liveness by the lock alone: a live writer's file that this build cannot parse
+/// (here: another format version) is neither removed nor folded, and is reported as bad.
+#[test]
+fn startup_keeps_a_live_file_it_cannot_parse() {
+    use std::os::unix::fs::FileExt;
+    let (_tmp, dir) = tmp_dir();
+    mkdir(&dir);
+    let reg = Registry::open(&dir).expect("registry");
+    reg.counter("kept", "Kept.").expect("counter").inc();
+    let path = reg.path().expect("file-backed");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    f.write_all_at(&99u32.to_le_bytes(), 8).expect("version 99");
+    let served = util::serve(&dir, &[]);
+    let s = util::samples(&util::scrape(served.addr));
+    assert!(path.exists(), "a live writer's file was removed at start-up");
+    assert_eq!(get(&s, "shmetrics_bad_files{reason=\"version\"}"), 1.0);
+    assert_eq!(get(&s, "shmetrics_workers_dead_total"), 0.0);
+}
