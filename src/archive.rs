@@ -30,6 +30,9 @@ pub struct Totals {
     pub dropped_series: u64,
     /// Dropped updates reported by folded files.
     pub dropped_updates: u64,
+    /// Python prometheus_client files folded (`--compact-python`).
+    #[serde(default)]
+    pub python_files_folded: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +72,7 @@ enum Stored {
     F64Bits(u64),
     Recent { ts: u64, bits: u64 },
     Hist { buckets: Vec<u64>, sum_bits: u64 },
+    Summary { count_bits: u64, sum_bits: u64 },
 }
 
 impl Stored {
@@ -81,6 +85,9 @@ impl Stored {
             Value::Hist { buckets, sum } => {
                 Stored::Hist { buckets: buckets.clone(), sum_bits: sum.to_bits() }
             }
+            Value::Summary { count, sum } => {
+                Stored::Summary { count_bits: count.to_bits(), sum_bits: sum.to_bits() }
+            }
         })
     }
     fn value(&self) -> Value {
@@ -91,6 +98,9 @@ impl Stored {
             Stored::Hist { buckets, sum_bits } => {
                 Value::Hist { buckets: buckets.clone(), sum: f64::from_bits(*sum_bits) }
             }
+            Stored::Summary { count_bits, sum_bits } => {
+                Value::Summary { count: f64::from_bits(*count_bits), sum: f64::from_bits(*sum_bits) }
+            }
         }
     }
 }
@@ -100,6 +110,7 @@ fn desc_of(f: &Family) -> Option<MetricDesc> {
         "counter" => MetricType::Counter,
         "gauge" => MetricType::Gauge,
         "histogram" => MetricType::Histogram,
+        "summary" => MetricType::Summary,
         _ => return None,
     };
     let value_type = match f.value_type.as_str() {

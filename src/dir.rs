@@ -31,6 +31,8 @@ pub enum Startup {
     Restart,
     /// `--wipe`: everything of ours was removed.
     Wiped,
+    /// `--keep`: the start-up rule was not applied.
+    Kept,
 }
 
 /// The aggregator's ownership of a directory; released on drop.
@@ -47,9 +49,12 @@ impl DirLock {
     }
 }
 
-/// Whether a name in the directory is one of ours (writer, temp, archive, lock).
+/// Whether a name in the directory is one of ours (writer, temp, archive, lock, and Python
+/// prometheus_client files, which the aggregator manages for the app).
 pub fn is_ours(name: &str) -> bool {
-    layout::is_writer_file(name)
+    crate::python::parse_name(name).is_some()
+        || name.strip_prefix(".compact-").is_some_and(|n| crate::python::parse_name(n).is_some())
+        || layout::is_writer_file(name)
         || layout::is_writer_temp(name)
         || name == ARCHIVE_FILE
         || name == LOCK_FILE
@@ -94,10 +99,21 @@ pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
     // Liveness is the lock alone, never whether we can parse a file: a live writer's file must
     // not be removed because it looks odd to this build.
     let any_live = !wipe
-        && names
-            .iter()
-            .filter(|n| layout::is_writer_file(n) || layout::is_writer_temp(n))
-            .any(|n| is_locked(&dir.join(n)));
+        && names.iter().any(|n| {
+            let path = dir.join(n);
+            if layout::is_writer_file(n) || layout::is_writer_temp(n) {
+                return is_locked(&path);
+            }
+            // Python files have no lock: their process must be alive (and not a reuse of the pid).
+            let pyname = crate::python::parse_name(n);
+            match (pyname.as_ref().and_then(crate::python::PyName::pid), std::fs::metadata(&path)) {
+                (Some(pid), Ok(m)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    crate::python::pid_alive(pid, m.created().ok(), (m.dev(), m.ino()))
+                }
+                _ => false,
+            }
+        });
     if any_live {
         return Ok(Startup::Restart);
     }

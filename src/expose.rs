@@ -113,7 +113,7 @@ fn push_value(out: &mut String, v: &Value) {
     match v {
         Value::U64(n) => push_u64(out, *n),
         Value::F64(f) | Value::Recent { v: f, .. } => push_f64(out, *f),
-        Value::Hist { .. } | Value::Unset => out.push_str("NaN"),
+        Value::Hist { .. } | Value::Summary { .. } | Value::Unset => out.push_str("NaN"),
     }
 }
 
@@ -161,6 +161,14 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
                 }
                 push_sample_head(out, name, "_count", labels, None);
                 push_u64(out, cum);
+                out.push('\n');
+                push_sample_head(out, name, "_sum", labels, None);
+                push_f64(out, *sum);
+                out.push('\n');
+            }
+            (MetricType::Summary, Value::Summary { count, sum }) => {
+                push_sample_head(out, name, "_count", labels, None);
+                push_f64(out, *count);
                 out.push('\n');
                 push_sample_head(out, name, "_sum", labels, None);
                 push_f64(out, *sum);

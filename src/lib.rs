@@ -74,6 +74,7 @@ pub mod error;
 pub mod expose;
 pub mod layout;
 pub mod merge;
+pub mod python;
 pub mod reader;
 pub mod serve;
 pub mod writer;

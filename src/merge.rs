@@ -54,6 +54,13 @@ pub enum Value {
         /// The value.
         v: f64,
     },
+    /// Summary: count and sum of observations.
+    Summary {
+        /// Number of observations.
+        count: f64,
+        /// Sum of observations.
+        sum: f64,
+    },
     /// Histogram: non-cumulative bucket counts (last is `+Inf`) and the sum.
     Hist {
         /// Per-bucket counts.
@@ -80,6 +87,8 @@ pub enum Rule {
     Replace,
     /// Bucket-wise sum.
     Hist,
+    /// Count and sum added.
+    Summary,
 }
 
 impl Rule {
@@ -89,6 +98,7 @@ impl Rule {
             (MetricType::Counter, ValueType::U64, _) => Rule::AddU64,
             (MetricType::Counter, ValueType::F64, _) => Rule::AddF64,
             (MetricType::Histogram, _, _) => Rule::Hist,
+            (MetricType::Summary, _, _) => Rule::Summary,
             (MetricType::Gauge, _, Some(GaugeMode::Max)) => Rule::Max,
             (MetricType::Gauge, _, Some(GaugeMode::Min)) => Rule::Min,
             (MetricType::Gauge, _, Some(GaugeMode::MostRecent)) => Rule::Recent,
@@ -163,6 +173,10 @@ impl Value {
                     (*ts, *v) = (*t2, *v2);
                 }
             }
+            (Rule::Summary, Value::Summary { count, sum }, Value::Summary { count: c2, sum: s2 }) => {
+                *count += c2;
+                *sum += s2;
+            }
             (Rule::Hist, Value::Hist { buckets, sum }, Value::Hist { buckets: b2, sum: s2 })
                 if buckets.len() == b2.len() =>
             {
@@ -173,6 +187,71 @@ impl Value {
             }
             // Replace, and any shape mismatch (which family checks prevent): last one wins.
             _ => *self = other.clone(),
+        }
+    }
+}
+
+/// Which part of a merged value one Python prometheus_client entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The whole value of a counter or gauge (combined by the family's rule).
+    Value,
+    /// A most-recent gauge's value, with its timestamp.
+    Recent,
+    /// Non-cumulative count of histogram bucket `i` (the last index is `+Inf`).
+    Bucket(u16),
+    /// A histogram's sum.
+    HistSum,
+    /// A summary's count.
+    SummaryCount,
+    /// A summary's sum.
+    SummarySum,
+}
+
+impl Value {
+    /// Combines one Python entry (value, timestamp in seconds) into this accumulator. `buckets` is
+    /// the family's number of finite bucket bounds.
+    #[inline]
+    pub fn apply(&mut self, rule: Rule, part: Part, v: f64, ts: f64, buckets: usize) {
+        match part {
+            Part::Value => match (rule, &mut *self) {
+                (Rule::AddF64, Value::F64(a)) => *a += v,
+                _ => self.combine(rule, &Value::F64(v)),
+            },
+            Part::Recent => {
+                // prometheus_client: a timestamp of 0 never wins.
+                if ts > 0.0 {
+                    self.combine(rule, &Value::Recent { ts: (ts * 1e9) as u64, v });
+                }
+            }
+            Part::Bucket(_) | Part::HistSum => {
+                if !matches!(self, Value::Hist { .. }) {
+                    *self = Value::Hist { buckets: vec![0; buckets + 1], sum: 0.0 };
+                }
+                if let Value::Hist { buckets, sum } = self {
+                    match part {
+                        Part::Bucket(i) => {
+                            if let Some(b) = buckets.get_mut(usize::from(i)) {
+                                // Python stores counts as floats; they are whole numbers.
+                                *b = b.wrapping_add(v as u64);
+                            }
+                        }
+                        _ => *sum += v,
+                    }
+                }
+            }
+            Part::SummaryCount | Part::SummarySum => {
+                if !matches!(self, Value::Summary { .. }) {
+                    *self = Value::Summary { count: 0.0, sum: 0.0 };
+                }
+                if let Value::Summary { count, sum } = self {
+                    if part == Part::SummaryCount {
+                        *count += v;
+                    } else {
+                        *sum += v;
+                    }
+                }
+            }
         }
     }
 }
@@ -341,6 +420,20 @@ impl Merger {
     /// Starts a scrape: fills `accs` with the archived values (one per merged series).
     pub fn begin(&self, accs: &mut Vec<Value>) {
         accs.clone_from(&self.archive);
+    }
+
+    /// Number of finite bucket bounds of the family of series `idx`.
+    #[inline]
+    pub fn buckets(&self, idx: u32) -> usize {
+        self.families[self.series[idx as usize].family as usize].meta.desc.buckets.len()
+    }
+
+    /// Folds one entry of a dead Python process into the archive.
+    pub fn archive_apply(&mut self, idx: u32, part: Part, v: f64, ts: f64) {
+        let (rule, n) = (self.rule(idx), self.buckets(idx));
+        if let Some(a) = self.archive.get_mut(idx as usize) {
+            a.apply(rule, part, v, ts, n);
+        }
     }
 
     /// Folds a dead process's final slots into the archive.

@@ -34,8 +34,15 @@ struct AggregatorArgs {
     #[arg(long, default_value = "127.0.0.1:9180")]
     listen: SocketAddr,
     /// Remove every shmetrics file in the directory at start-up, even those of live workers.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep")]
     wipe: bool,
+    /// Do not clear an earlier run's files at start-up: read the directory as it is.
+    #[arg(long)]
+    keep: bool,
+    /// Fold dead Python processes' prometheus_client files into the archive and remove them, so the
+    /// directory stays bounded under worker churn (gunicorn max_requests).
+    #[arg(long)]
+    compact_python: bool,
     /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
     #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
     upkeep_interval: f64,
@@ -71,6 +78,14 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 impl AggregatorArgs {
+    fn options(&self) -> shmetrics::aggregator::Options {
+        shmetrics::aggregator::Options {
+            wipe: self.wipe,
+            keep: self.keep,
+            compact_python: self.compact_python,
+        }
+    }
+
     fn upkeep(&self) -> Duration {
         Duration::from_secs_f64(self.upkeep_interval)
     }

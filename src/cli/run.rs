@@ -1,6 +1,7 @@
 //! `shmetrics run -- CMD`: the one-command way to run a pre-fork server.
 //!
-//! Prepares the directory, exports `SHMETRICS_DIR` to the child, serves metrics while the child
+//! Prepares the directory, exports `SHMETRICS_DIR` (and `PROMETHEUS_MULTIPROC_DIR`, so Python
+//! prometheus_client apps write into the same directory) to the child, serves metrics while the child
 //! runs, forwards the signals a process manager sends (TERM, INT, HUP, QUIT, USR1, USR2, TTIN,
 //! TTOU — gunicorn and uWSGI use all of them), and exits with the child's status (128 + signal
 //! number when the child was killed by a signal, as shells report it).
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use shmetrics::aggregator::{Aggregator, Options};
+use shmetrics::aggregator::Aggregator;
 use shmetrics::serve::{self, Shared};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -53,7 +54,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => anyhow::bail!("no directory"),
     };
-    let opts = Options { wipe: args.agg.wipe };
+    let opts = args.agg.options();
     let agg = Aggregator::open(&dir, &opts)?;
     let rt = super::runtime()?;
     let code = rt.block_on(async move {
@@ -72,6 +73,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut child = tokio::process::Command::new(program)
             .args(rest)
             .env("SHMETRICS_DIR", &dir)
+            // Python prometheus_client's multiprocess mode writes its files here too (the
+            // lower-case name is the one releases before 0.10 read).
+            .env("PROMETHEUS_MULTIPROC_DIR", &dir)
+            .env("prometheus_multiproc_dir", &dir)
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {program:?}"))?;

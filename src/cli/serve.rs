@@ -3,14 +3,14 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use shmetrics::aggregator::{Aggregator, Options};
+use shmetrics::aggregator::Aggregator;
 use shmetrics::serve::{self, Shared};
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::ServeArgs;
 
 pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let opts = Options { wipe: args.agg.wipe };
+    let opts = args.agg.options();
     let agg = Aggregator::open(&args.dir, &opts)?;
     let rt = super::runtime()?;
     rt.block_on(async move {

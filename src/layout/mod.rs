@@ -90,6 +90,9 @@ pub enum MetricType {
     Gauge,
     /// Histogram with fixed bucket bounds.
     Histogram,
+    /// Summary (count and sum). Read from Python prometheus_client files only: never written to,
+    /// nor accepted in, a shmetrics file.
+    Summary,
 }
 
 impl MetricType {
@@ -98,6 +101,7 @@ impl MetricType {
             MetricType::Counter => 1,
             MetricType::Gauge => 2,
             MetricType::Histogram => 3,
+            MetricType::Summary => 4,
         }
     }
     fn from_code(c: u8) -> Option<Self> {
@@ -114,6 +118,7 @@ impl MetricType {
             MetricType::Counter => "counter",
             MetricType::Gauge => "gauge",
             MetricType::Histogram => "histogram",
+            MetricType::Summary => "summary",
         }
     }
 }
@@ -264,6 +269,7 @@ impl MetricDesc {
                 }
             }
             MetricType::Histogram => self.buckets.len() + 2,
+            MetricType::Summary => 2,
         }
     }
 }
@@ -554,6 +560,9 @@ pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
         }
     } else if !d.buckets.is_empty() {
         return Err(Error::InvalidBuckets(format!("{}: only histograms have buckets", d.name)));
+    }
+    if d.metric_type == MetricType::Summary {
+        return Err(corrupt("summaries exist only in Python prometheus_client files"));
     }
     if (d.metric_type == MetricType::Gauge) != d.gauge_mode.is_some() {
         return Err(corrupt("gauge mode must be set exactly for gauges"));

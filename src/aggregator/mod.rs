@@ -22,7 +22,11 @@ use crate::dir::{self, DirLock, Startup};
 use crate::error::Result;
 use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, Merger, SnapFamily, Snapshot, Value};
+use crate::python::{self as py, KeyCache, PyFile};
 use crate::reader::{BadReason, WorkerFile};
+
+mod python;
+use python::PyTracked;
 
 /// Merged-series index meaning "not exported" (conflicting metric).
 const SKIP: u32 = u32::MAX;
@@ -80,6 +84,10 @@ pub struct Stats {
     pub live_dropped_series: u64,
     /// See `live_dropped_series`.
     pub live_dropped_updates: u64,
+    /// Python prometheus_client files followed.
+    pub python_files: usize,
+    /// Distinct live processes among the Python files.
+    pub python_processes: usize,
 }
 
 /// Options of an aggregator.
@@ -87,6 +95,11 @@ pub struct Stats {
 pub struct Options {
     /// Remove everything of ours at start-up, whatever is alive.
     pub wipe: bool,
+    /// Apply no start-up rule: read the directory as it is (one-shot reads, benchmarks).
+    pub keep: bool,
+    /// Fold dead Python processes' files into the archive and remove them (see
+    /// [`python`](self::python) for why that is safe).
+    pub compact_python: bool,
 }
 
 /// Follows a directory and produces merged snapshots.
@@ -94,6 +107,9 @@ pub struct Aggregator {
     lock: DirLock,
     startup: Startup,
     files: HashMap<String, Tracked>,
+    py: HashMap<String, PyTracked>,
+    keys: KeyCache,
+    compact_python: bool,
     bad: HashMap<String, Bad>,
     merger: Merger,
     totals: Totals,
@@ -112,7 +128,7 @@ impl Aggregator {
     /// Takes ownership of `dir` (creating it), applies the start-up rule and loads the archive.
     pub fn open(dir: &Path, opts: &Options) -> Result<Aggregator> {
         let lock = dir::lock(dir)?;
-        let startup = dir::startup(&lock, opts.wipe)?;
+        let startup = if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe)? };
         let mut merger = Merger::new();
         let loaded = archive::load(lock.dir(), &mut merger)?;
         tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
@@ -120,6 +136,9 @@ impl Aggregator {
             lock,
             startup,
             files: HashMap::new(),
+            py: HashMap::new(),
+            keys: KeyCache::default(),
+            compact_python: opts.compact_python,
             bad: HashMap::new(),
             merger,
             totals: loaded.totals,
@@ -173,6 +192,14 @@ impl Aggregator {
                 failed.push((name.clone(), reason, why));
             }
         }
+        for (name, t) in &mut self.py {
+            if !t.alive && t.is_live_gauge() {
+                continue; // a dead process's live gauges are dropped, as mark_process_dead would
+            }
+            if let Err((reason, why)) = t.accumulate(&mut accs) {
+                failed.push((name.clone(), reason, why));
+            }
+        }
         for (name, reason, why) in failed {
             self.mark_bad(&name, reason, &why);
         }
@@ -191,6 +218,7 @@ impl Aggregator {
 
     fn mark_bad(&mut self, name: &str, reason: BadReason, why: &str) {
         self.files.remove(name);
+        self.py.remove(name);
         let path = self.dir().join(name);
         let stamp = stamp(&path);
         tracing::warn!(file = %path.display(), reason = reason.as_str(), "skipping file: {why}; \
@@ -210,11 +238,24 @@ impl Aggregator {
         };
         let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         self.files.retain(|n, _| present.contains(n.as_str()));
+        self.py.retain(|n, _| present.contains(n.as_str()));
         self.bad.retain(|n, _| present.contains(n.as_str()));
         let mut foreign = 0;
         for name in &names {
             if layout::is_writer_temp(name) {
                 self.remove_stale_temp(&dir.join(name));
+                continue;
+            }
+            if let Some(original) = name.strip_prefix(python::ASIDE_PREFIX) {
+                if !self.py.contains_key(name) {
+                    self.adopt_aside(name, original);
+                }
+                continue;
+            }
+            if let Some(pyname) = py::parse_name(name) {
+                if !self.py.contains_key(name) {
+                    self.open_python(name, pyname);
+                }
                 continue;
             }
             if !layout::is_writer_file(name) {
@@ -267,6 +308,130 @@ impl Aggregator {
         }
         self.stats.bad_files = bad;
         self.stats.files = self.files.len();
+        self.stats.python_files = self.py.len();
+    }
+
+    fn open_python(&mut self, name: &str, pyname: py::PyName) {
+        let path = self.dir().join(name);
+        if let Some(b) = self.bad.get(name) {
+            if b.stamp == stamp(&path) {
+                return;
+            }
+        }
+        match PyFile::open(&path, pyname) {
+            Ok(file) => {
+                self.bad.remove(name);
+                self.py.insert(name.to_string(), PyTracked::new(file));
+            }
+            Err((reason, why)) => self.mark_bad(name, reason, &why),
+        }
+    }
+
+    /// A `.compact-*` file we are not following: a compaction interrupted by a crash. It continues
+    /// (or, if the archive already holds it, the file is just removed).
+    fn adopt_aside(&mut self, name: &str, original: &str) {
+        let path = self.dir().join(name);
+        let Some(pyname) = py::parse_name(original) else { return };
+        match PyFile::open(&path, pyname) {
+            Ok(file) => {
+                let mut t = PyTracked::new(file);
+                let since = Instant::now().checked_sub(python::GRACE).unwrap_or_else(Instant::now);
+                t.aside = Some((self.dir().join(original), since));
+                self.py.insert(name.to_string(), t);
+            }
+            Err((reason, why)) => self.mark_bad(name, reason, &why),
+        }
+    }
+
+    fn refresh_python(&mut self) {
+        let mut failed = Vec::new();
+        let mut starts: HashMap<i32, bool> = HashMap::new();
+        for (name, t) in &mut self.py {
+            if let Err((reason, why)) = t.file.refresh(&mut self.keys) {
+                failed.push((name.clone(), reason, why));
+                continue;
+            }
+            t.map_new(&mut self.merger, &mut self.stats.conflicts);
+            t.alive = match t.file.name.pid() {
+                Some(pid) => py::pid_alive(pid, t.file.created, t.file.dev_ino),
+                None => true, // an identifier that is not a pid: we cannot tell, keep it
+            };
+            if let (Some(pid), true) = (t.file.name.pid(), t.alive) {
+                starts.insert(pid, true);
+            }
+        }
+        self.stats.python_processes = starts.len();
+        for (name, reason, why) in failed {
+            self.mark_bad(&name, reason, &why);
+        }
+        if self.compact_python {
+            self.compact_python_files();
+        }
+    }
+
+    /// One pass of the compaction protocol described in [`python`].
+    fn compact_python_files(&mut self) {
+        let names: Vec<String> = self.py.keys().cloned().collect();
+        let mut doomed = Vec::new();
+        for name in names {
+            let Some(t) = self.py.get_mut(&name) else { continue };
+            if t.keep || t.file.name.pid().is_none() {
+                continue;
+            }
+            match &t.aside {
+                None if !t.alive => {
+                    // Step 1: rename aside. From now on a process with this pid makes a new file.
+                    let aside_name = format!("{}{name}", python::ASIDE_PREFIX);
+                    let aside = self.lock.dir().join(&aside_name);
+                    if std::fs::rename(t.file.path(), &aside).is_ok() {
+                        let original = t.file.path().to_path_buf();
+                        t.file.set_path(aside);
+                        t.aside = Some((original, Instant::now()));
+                        if let Some(t) = self.py.remove(&name) {
+                            self.py.insert(aside_name, t);
+                        }
+                    }
+                }
+                Some((original, since)) if since.elapsed() >= python::GRACE => {
+                    let original = original.clone();
+                    let pid = t.file.name.pid().unwrap_or(0);
+                    // Step 2: a process that reused the pid before the rename has the file open.
+                    if py::has_open(pid, t.file.dev_ino) {
+                        tracing::info!(file = %original.display(), "pid {pid} was reused and the                             new process continues this file; not compacting it");
+                        if std::fs::hard_link(t.file.path(), &original).is_ok() {
+                            let _ = std::fs::remove_file(t.file.path());
+                            t.file.set_path(original);
+                        }
+                        t.aside = None;
+                        t.keep = true;
+                        continue;
+                    }
+                    // Step 3: fold (unless it is a live gauge file or already folded), save, remove.
+                    let id = format!("py:{name}:{}", t.file.dev_ino.1);
+                    if !t.is_live_gauge() && !self.folded_ever.contains(&id) {
+                        if let Err(e) = t.file.refresh(&mut self.keys) {
+                            tracing::warn!(file = %name, "cannot read a dead Python file: {}", e.1);
+                            continue;
+                        }
+                        t.map_new(&mut self.merger, &mut self.stats.conflicts);
+                        if t.fold(&mut self.merger).is_err() {
+                            continue;
+                        }
+                        self.totals.python_files_folded += 1;
+                        self.dead_since_rebuild += 1;
+                        self.folded.push(id.clone());
+                        self.folded_ever.insert(id.clone());
+                    }
+                    if let Some(t) = self.py.remove(&name) {
+                        doomed.push((id, t.file.path().to_path_buf()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !doomed.is_empty() {
+            self.save_and_remove(doomed);
+        }
     }
 
     /// A temp file whose lock is free is the leftover of a writer that died while creating it.
@@ -313,6 +478,7 @@ impl Aggregator {
             self.mark_bad(&name, reason, &why);
         }
         self.fold(dead);
+        self.refresh_python();
         self.collect_workers();
         if self.dead_since_rebuild > 16.max(self.files.len()) {
             self.rebuild();
@@ -355,8 +521,13 @@ impl Aggregator {
             }
             removed.push((id, t.file.path().to_path_buf()));
         }
-        // Persist first, then remove: a crash in between leaves files whose ids the archive
-        // lists, which the next pass removes without folding them again.
+        self.save_and_remove(removed);
+    }
+
+    /// Saves the archive, then removes the folded files. Persist first, then remove: a crash in
+    /// between leaves files whose ids the archive lists, which a later pass removes without
+    /// folding them again.
+    fn save_and_remove(&mut self, removed: Vec<(String, PathBuf)>) {
         if let Err(e) = archive::save(self.lock.dir(), &self.merger, &self.totals, &self.folded) {
             tracing::error!("cannot save the archive, dead workers' files are kept until it works: {e}");
             return;
@@ -403,6 +574,10 @@ impl Aggregator {
             t.series.clear();
             map_new(&mut self.merger, t, &mut self.stats.conflicts);
         }
+        for t in self.py.values_mut() {
+            t.reset();
+            t.map_new(&mut self.merger, &mut self.stats.conflicts);
+        }
         self.dead_since_rebuild = 0;
     }
 
@@ -425,6 +600,9 @@ impl Aggregator {
             one(&m.bad_events, Value::U64(s.bad_file_events)),
             one(&m.dropped_series, Value::U64(s.totals.dropped_series + s.live_dropped_series)),
             one(&m.dropped_updates, Value::U64(s.totals.dropped_updates + s.live_dropped_updates)),
+            one(&m.python_files, Value::F64(s.python_files as f64)),
+            one(&m.python_processes, Value::F64(s.python_processes as f64)),
+            one(&m.python_folded, Value::U64(s.totals.python_files_folded)),
         ];
         let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
         for reason in [BadReason::Corrupt, BadReason::Foreign, BadReason::Truncated, BadReason::Version] {
@@ -486,6 +664,9 @@ struct SelfMeta {
     bad_events: Arc<FamilyMeta>,
     dropped_series: Arc<FamilyMeta>,
     dropped_updates: Arc<FamilyMeta>,
+    python_files: Arc<FamilyMeta>,
+    python_processes: Arc<FamilyMeta>,
+    python_folded: Arc<FamilyMeta>,
 }
 
 fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
@@ -558,6 +739,24 @@ impl SelfMeta {
             dropped_updates: meta(
                 "shmetrics_dropped_updates",
                 "Updates workers dropped because their series had no room.",
+                Counter,
+                &[],
+            ),
+            python_files: meta(
+                "shmetrics_python_files",
+                "Python prometheus_client files followed in the last scrape.",
+                Gauge,
+                &[],
+            ),
+            python_processes: meta(
+                "shmetrics_python_processes",
+                "Live processes among the Python prometheus_client files.",
+                Gauge,
+                &[],
+            ),
+            python_folded: meta(
+                "shmetrics_python_files_folded",
+                "Dead Python processes' files folded into the archive (--compact-python).",
                 Counter,
                 &[],
             ),
