@@ -30,9 +30,9 @@ pub struct Totals {
     pub dropped_series: u64,
     /// Dropped updates reported by folded files.
     pub dropped_updates: u64,
-    /// Python prometheus_client files folded (`--compact-python`).
+    /// Python prometheus_client files removed by `--compact-python`.
     #[serde(default)]
-    pub python_files_folded: u64,
+    pub python_files_compacted: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,15 +52,17 @@ struct Family {
     metric_type: String,
     value_type: String,
     gauge_mode: Option<String>,
-    label_names: Vec<String>,
-    buckets: Vec<f64>,
     series: Vec<Series>,
 }
 
 /// Values are stored with floats as their bit patterns, so NaN and infinities survive JSON.
 #[derive(Serialize, Deserialize)]
 struct Series {
-    labels: Vec<String>,
+    /// Label names and values.
+    labels: Vec<(String, String)>,
+    /// Histogram bucket bounds of this series.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bounds: Vec<f64>,
     #[serde(flatten)]
     value: Stored,
 }
@@ -128,8 +130,8 @@ fn desc_of(f: &Family) -> Option<MetricDesc> {
         metric_type,
         value_type,
         gauge_mode,
-        label_names: f.label_names.clone(),
-        buckets: f.buckets.clone(),
+        label_names: Vec::new(),
+        buckets: Vec::new(),
     })
 }
 
@@ -165,6 +167,7 @@ pub fn load(dir: &Path, merger: &mut Merger) -> Result<Loaded> {
         let Some(fam) = merger.family_for(&desc) else { continue };
         for s in &f.series {
             let idx = merger.series_for(fam, s.labels.clone());
+            merger.widen(idx, &s.bounds);
             merger.archive_value(idx, &s.value.value());
         }
     }
@@ -187,13 +190,15 @@ pub fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[String]) -> 
                     ValueType::F64 => "f64".into(),
                 },
                 gauge_mode: desc.gauge_mode.map(|m| m.as_str().to_string()),
-                label_names: desc.label_names.clone(),
-                buckets: desc.buckets.clone(),
                 series: Vec::new(),
             });
             families.len() - 1
         });
-        families[i].series.push(Series { labels: labels.to_vec(), value: stored });
+        families[i].series.push(Series {
+            labels: labels.pairs.clone(),
+            bounds: labels.bounds.clone(),
+            value: stored,
+        });
     }
     let file = File { version: VERSION, totals: totals.clone(), folded: folded.to_vec(), families };
     let path = dir.join(crate::dir::ARCHIVE_FILE);

@@ -56,6 +56,51 @@ pub fn push_f64(out: &mut String, v: f64) {
     }
 }
 
+/// Appends a bucket bound the way prometheus_client (`floatToGoString`) and Go clients write `le`:
+/// Python's shortest `repr`, switching to an exponent (`1e+07`, `2.5e-05`) where Go would. Label
+/// values are compared as strings, so `le` must be written exactly as the clients Prometheus already
+/// scrapes write it, or series split.
+pub fn push_go_float(out: &mut String, v: f64) {
+    if !v.is_finite() {
+        return push_f64(out, v);
+    }
+    // Shortest round-trip digits and decimal exponent: `d.ddde±x`.
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    out.push_str(sign);
+    // Python's repr: scientific below 1e-4 and from 1e16; Go's formatting, which
+    // floatToGoString imitates, also for positive values with more than 6 integer digits.
+    if exp < -4 || exp >= 16 || (v > 0.0 && exp >= 6) {
+        let (first, rest) = digits.split_at(1);
+        out.push_str(first);
+        if !rest.is_empty() {
+            out.push('.');
+            out.push_str(rest);
+        }
+        out.push('e');
+        out.push(if exp < 0 { '-' } else { '+' });
+        out.push_str(&format!("{:02}", exp.abs()));
+    } else if exp < 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-exp - 1) as usize));
+        out.push_str(&digits);
+    } else {
+        let int_len = exp as usize + 1;
+        if digits.len() <= int_len {
+            out.push_str(&digits);
+            out.extend(std::iter::repeat_n('0', int_len - digits.len()));
+            out.push_str(".0");
+        } else {
+            out.push_str(&digits[..int_len]);
+            out.push('.');
+            out.push_str(&digits[int_len..]);
+        }
+    }
+}
+
 fn push_u64(out: &mut String, v: u64) {
     out.push_str(itoa::Buffer::new().format(v));
 }
@@ -151,8 +196,8 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
                 for (i, n) in buckets.iter().enumerate() {
                     cum = cum.wrapping_add(*n);
                     le.clear();
-                    match d.buckets.get(i) {
-                        Some(b) => push_f64(&mut le, *b),
+                    match labels.bounds.get(i) {
+                        Some(b) => push_go_float(&mut le, *b),
                         None => le.push_str("+Inf"),
                     }
                     push_sample_head(out, name, "_bucket", labels, Some(("le", &le)));
@@ -243,8 +288,9 @@ mod tests {
                 buckets: vec![0.5, 1.0],
             })
             .unwrap();
-        let a = m.series_for(c, vec!["2\"0\n0".into()]);
+        let a = m.series_for(c, vec![("code".into(), "2\"0\n0".into())]);
         let b = m.series_for(h, vec![]);
+        m.widen(b, &[0.5, 1.0]);
         m.archive_value(a, &Value::U64(7));
         m.archive_value(b, &Value::Hist { buckets: vec![1, 2, 3], sum: 9.25 });
         let mut accs = Vec::new();
@@ -278,6 +324,32 @@ mod tests {
         assert_eq!(Format::from_accept(Some(prom)), Format::OpenMetrics);
         assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
         assert_eq!(Format::from_accept(Some("application/openmetrics-text; q=0")), Format::Prometheus);
+    }
+
+    #[test]
+    fn bucket_bounds_like_prometheus_client() {
+        // Expected strings: prometheus_client.utils.floatToGoString of the same floats.
+        let cases = [
+            (0.005, "0.005"),
+            (1.0, "1.0"),
+            (2.5, "2.5"),
+            (10.0, "10.0"),
+            (123456.0, "123456.0"),
+            (1234567.0, "1.234567e+06"),
+            (1e7, "1e+07"),
+            (2.5e-05, "2.5e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (1e22, "1e+22"),
+            (0.1, "0.1"),
+            (-1.5, "-1.5"),
+            (f64::INFINITY, "+Inf"),
+        ];
+        for (v, want) in cases {
+            let mut s = String::new();
+            push_go_float(&mut s, v);
+            assert_eq!(s, want, "{v}");
+        }
     }
 
     #[test]

@@ -28,13 +28,23 @@ pub struct FamilyMeta {
     pub label_names: Vec<String>,
 }
 
-/// A merged series' labels, pre-rendered.
-#[derive(Debug)]
+/// A merged series' identity: its labels (pre-rendered) and, for histograms, its bucket bounds.
+#[derive(Debug, Default)]
 pub struct LabelSet {
-    /// Label values, in the family's exposed label-name order.
-    pub values: Vec<String>,
+    /// Label names and values, in exposition order.
+    pub pairs: Vec<(String, String)>,
     /// `name="value",…` with values escaped for the text formats; empty without labels.
     pub text: String,
+    /// Finite bucket bounds of a histogram series, increasing; empty for other types.
+    pub bounds: Vec<f64>,
+}
+
+impl LabelSet {
+    /// A label set rendered from its pairs.
+    pub fn new(pairs: Vec<(String, String)>) -> LabelSet {
+        let text = render_labels(&pairs);
+        LabelSet { pairs, text, bounds: Vec::new() }
+    }
 }
 
 /// A merged value.
@@ -311,9 +321,9 @@ pub fn escape_label_value(v: &str, out: &mut String) {
     }
 }
 
-fn render_labels(names: &[String], values: &[String]) -> String {
+fn render_labels(pairs: &[(String, String)]) -> String {
     let mut text = String::new();
-    for (i, (n, v)) in names.iter().zip(values).enumerate() {
+    for (i, (n, v)) in pairs.iter().enumerate() {
         if i > 0 {
             text.push(',');
         }
@@ -331,7 +341,9 @@ pub struct Merger {
     families: Vec<MFamily>,
     by_name: HashMap<String, u32>,
     series: Vec<MSeries>,
-    by_key: HashMap<(u32, Vec<String>), u32>,
+    by_key: HashMap<(u32, Vec<(String, String)>), u32>,
+    /// Bumped whenever a series' bucket bounds widen: every mapping to bucket indices is stale.
+    epoch: u64,
     /// Dead processes' contributions, parallel to `series`.
     archive: Vec<Value>,
     /// Family indices sorted by name.
@@ -349,12 +361,13 @@ impl Merger {
     pub fn family_for(&mut self, desc: &MetricDesc) -> Option<u32> {
         if let Some(&i) = self.by_name.get(&desc.name) {
             let existing = &self.families[i as usize].meta.desc;
-            // Help text may differ between versions of a worker; everything else must match.
+            // A family is its name, type and merge mode. Help, label names and buckets may differ
+            // between versions of an app running side by side (a rolling deploy): series are
+            // told apart by their labels and carry their own bucket bounds, as prometheus_client's
+            // MultiProcessCollector merges by key.
             let same = existing.metric_type == desc.metric_type
                 && existing.value_type == desc.value_type
-                && existing.gauge_mode == desc.gauge_mode
-                && existing.label_names == desc.label_names
-                && existing.buckets == desc.buckets;
+                && existing.gauge_mode == desc.gauge_mode;
             return same.then_some(i);
         }
         let mut label_names = desc.label_names.clone();
@@ -373,21 +386,56 @@ impl Merger {
         Some(i)
     }
 
-    /// The merged series of family `fam` with these label values (the `pid` value included for
-    /// per-process gauges), created on first sight.
-    pub fn series_for(&mut self, fam: u32, values: Vec<String>) -> u32 {
-        let key = (fam, values);
+    /// The merged series of family `fam` with these labels (`pid` included for per-process
+    /// gauges), created on first sight.
+    pub fn series_for(&mut self, fam: u32, pairs: Vec<(String, String)>) -> u32 {
+        let key = (fam, pairs);
         if let Some(&i) = self.by_key.get(&key) {
             return i;
         }
-        let f = &mut self.families[fam as usize];
-        let text = render_labels(&f.meta.label_names, &key.1);
         let i = self.series.len() as u32;
-        f.series.push(i);
-        self.series.push(MSeries { family: fam, labels: Arc::new(LabelSet { values: key.1.clone(), text }) });
+        self.families[fam as usize].series.push(i);
+        self.series.push(MSeries { family: fam, labels: Arc::new(LabelSet::new(key.1.clone())) });
         self.archive.push(Value::Unset);
         self.by_key.insert(key, i);
         i
+    }
+
+    /// The bucket bounds of histogram series `idx`.
+    pub fn bounds(&self, idx: u32) -> &[f64] {
+        &self.series[idx as usize].labels.bounds
+    }
+
+    /// Widens the bucket bounds of series `idx` to include `les` (the union, as prometheus_client
+    /// merges buckets by `le`); archived values are re-indexed. Returns whether anything changed,
+    /// in which case [`Merger::epoch`] moved and bucket indices held by callers are stale.
+    pub fn widen(&mut self, idx: u32, les: &[f64]) -> bool {
+        let Some(series) = self.series.get_mut(idx as usize) else { return false };
+        let old = &series.labels.bounds;
+        if les.iter().all(|b| old.contains(b)) {
+            return false;
+        }
+        let mut new: Vec<f64> = old.iter().chain(les).copied().collect();
+        new.sort_by(f64::total_cmp);
+        new.dedup();
+        if let Some(Value::Hist { buckets, .. }) = self.archive.get_mut(idx as usize) {
+            let mut moved = vec![0u64; new.len() + 1];
+            for (i, n) in buckets.iter().enumerate() {
+                let pos = old.get(i).and_then(|b| new.iter().position(|x| x == b)).unwrap_or(new.len());
+                moved[pos] = moved[pos].wrapping_add(*n);
+            }
+            *buckets = moved;
+        }
+        let labels =
+            LabelSet { pairs: series.labels.pairs.clone(), text: series.labels.text.clone(), bounds: new };
+        series.labels = Arc::new(labels);
+        self.epoch += 1;
+        true
+    }
+
+    /// Changes whenever bucket bounds widen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The combine rule of the family of series `idx`.
@@ -422,10 +470,10 @@ impl Merger {
         accs.clone_from(&self.archive);
     }
 
-    /// Number of finite bucket bounds of the family of series `idx`.
+    /// Number of finite bucket bounds of series `idx`.
     #[inline]
     pub fn buckets(&self, idx: u32) -> usize {
-        self.families[self.series[idx as usize].family as usize].meta.desc.buckets.len()
+        self.series[idx as usize].labels.bounds.len()
     }
 
     /// Folds one entry of a dead Python process into the archive.
@@ -452,13 +500,13 @@ impl Merger {
         }
     }
 
-    /// The archived series: (family description, label values, value), for persistence.
-    pub fn archived(&self) -> impl Iterator<Item = (&MetricDesc, &[String], &Value)> {
+    /// The archived series: (family description, labels and bounds, value), for persistence.
+    pub fn archived(&self) -> impl Iterator<Item = (&MetricDesc, &LabelSet, &Value)> {
         self.series
             .iter()
             .zip(&self.archive)
             .filter(|(_, v)| !v.is_unset())
-            .map(|(s, v)| (&self.families[s.family as usize].meta.desc, s.labels.values.as_slice(), v))
+            .map(|(s, v)| (&self.families[s.family as usize].meta.desc, s.labels.as_ref(), v))
     }
 
     /// Moves the archive into a fresh table, dropping every merged series no source maps to any
@@ -466,9 +514,10 @@ impl Merger {
     /// per-process series.
     pub fn rebuilt(&self) -> Merger {
         let mut m = Merger::new();
-        for (desc, values, v) in self.archived() {
+        for (desc, labels, v) in self.archived() {
             if let Some(fam) = m.family_for(desc) {
-                let idx = m.series_for(fam, values.to_vec());
+                let idx = m.series_for(fam, labels.pairs.clone());
+                m.widen(idx, &labels.bounds);
                 m.archive_value(idx, v);
             }
         }
@@ -534,17 +583,43 @@ mod tests {
         let a = m.family_for(&gauge(GaugeMode::Sum));
         assert_eq!(a, Some(0));
         assert_eq!(m.family_for(&gauge(GaugeMode::Max)), None);
-        let mut other_help = gauge(GaugeMode::Sum);
-        other_help.help = "other".into();
-        assert_eq!(m.family_for(&other_help), Some(0));
+        // Another version of the same metric (other help, other labels) is the same family.
+        let mut other = gauge(GaugeMode::Sum);
+        other.help = "other".into();
+        other.label_names = vec!["a".into(), "b".into()];
+        assert_eq!(m.family_for(&other), Some(0));
+    }
+
+    #[test]
+    fn widening_bounds_reindexes_the_archive() {
+        let mut m = Merger::new();
+        let h = MetricDesc {
+            name: "h".into(),
+            help: "H.".into(),
+            metric_type: MetricType::Histogram,
+            value_type: ValueType::F64,
+            gauge_mode: None,
+            label_names: vec![],
+            buckets: vec![0.1, 1.0],
+        };
+        let f = m.family_for(&h).unwrap();
+        let s = m.series_for(f, vec![]);
+        assert!(m.widen(s, &[0.1, 1.0]));
+        m.archive_value(s, &Value::Hist { buckets: vec![1, 2, 3], sum: 4.0 });
+        let epoch = m.epoch();
+        assert!(!m.widen(s, &[1.0]));
+        assert!(m.widen(s, &[0.5, 5.0]));
+        assert_ne!(m.epoch(), epoch);
+        assert_eq!(m.bounds(s), &[0.1, 0.5, 1.0, 5.0]);
+        assert_eq!(m.archive[s as usize], Value::Hist { buckets: vec![1, 0, 2, 0, 3], sum: 4.0 });
     }
 
     #[test]
     fn rebuild_keeps_only_archived_series() {
         let mut m = Merger::new();
         let f = m.family_for(&gauge(GaugeMode::Sum)).unwrap();
-        let a = m.series_for(f, vec!["x".into()]);
-        let _b = m.series_for(f, vec!["y".into()]);
+        let a = m.series_for(f, vec![("a".into(), "x".into())]);
+        let _b = m.series_for(f, vec![("a".into(), "y".into())]);
         m.archive_value(a, &Value::F64(4.0));
         let r = m.rebuilt();
         assert_eq!(r.len(), 1);

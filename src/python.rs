@@ -218,11 +218,12 @@ impl PyFile {
         if n >= 16 && head.starts_with(b"SQLite format 3\0") {
             return Err((BadReason::Foreign, "an SQLite database, not a prometheus_client file".into()));
         }
-        if meta.len() < 8 || n < 8 {
-            return Err((BadReason::Truncated, "shorter than the 8-byte header".into()));
-        }
-        let used = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        if used < 8 || used as u64 > meta.len() || head[4..8] != [0, 0, 0, 0] {
+        // Shorter than the header: a writer between creating and sizing the file (or killed
+        // there). That is an empty file, not a bad one.
+        let used = if n < 8 { 0 } else { i32::from_le_bytes([head[0], head[1], head[2], head[3]]) };
+        // 0: a writer between `truncate` and its first write (prometheus_client sets 8 then).
+        let fresh = used == 0;
+        if !fresh && (used < 8 || used as u64 > meta.len()) || (n >= 8 && head[4..8] != [0, 0, 0, 0]) {
             return Err((BadReason::Foreign, format!("`used` = {used} does not fit the file")));
         }
         Ok(PyFile {
@@ -280,6 +281,14 @@ impl PyFile {
     /// Parses entries appended since the last call; returns the index of the first new entry.
     pub fn refresh(&mut self, keys: &mut KeyCache) -> Result<usize, Bad> {
         let first_new = self.entries.len();
+        if self.parsed_to == 8 && self.mapped < 8 {
+            // Nothing parsed yet and the file was too short to hold a header: look again.
+            self.region = None;
+            let size = self.file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
+            if size < 8 {
+                return Ok(first_new);
+            }
+        }
         if self.region.is_none() {
             self.map()?;
         }
@@ -287,7 +296,7 @@ impl PyFile {
         let word = self.with_region(|r| r.atomic(0).map(|a| a.load(Ordering::Acquire)))?;
         let used = word.ok_or((BadReason::Truncated, String::from("no header")))? as u32 as i32;
         let used = u64::try_from(used).map_err(|_| (BadReason::Corrupt, String::from("negative `used`")))?;
-        if used == self.parsed_to {
+        if used == 0 || used == self.parsed_to {
             return Ok(first_new);
         }
         if used < self.parsed_to {
@@ -389,13 +398,23 @@ pub fn pid_alive(pid: i32, created: Option<SystemTime>, dev_ino: (u64, u64)) -> 
     let Ok(proc) = procfs::process::Process::new(pid) else { return false };
     let Ok(stat) = proc.stat() else { return false };
     let Some(created) = created else { return true };
-    let started = procfs::boot_time_secs()
-        .map(|boot| boot as f64 + stat.starttime as f64 / procfs::ticks_per_second() as f64);
+    let Some(boot) = boot_time() else { return true };
+    let started = boot + stat.starttime as f64 / procfs::ticks_per_second() as f64;
     let created = created.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    match started {
-        Ok(started) if started > created + 2.0 => has_open(pid, dev_ino),
-        _ => true,
+    // Slack: the start time is counted in clock ticks (10 ms).
+    if started > created + 0.1 {
+        has_open(pid, dev_ino)
+    } else {
+        true
     }
+}
+
+/// Wall-clock time of boot, in seconds, to sub-millisecond precision (`/proc/stat`'s `btime` is
+/// whole seconds, which would blur pid-reuse detection by up to a second).
+fn boot_time() -> Option<f64> {
+    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some(now - (since_boot.tv_sec() as f64 + since_boot.tv_nsec() as f64 * 1e-9))
 }
 
 /// Whether process `pid` has the file (device, inode) open.

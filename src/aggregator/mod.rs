@@ -110,6 +110,7 @@ pub struct Aggregator {
     py: HashMap<String, PyTracked>,
     keys: KeyCache,
     compact_python: bool,
+    foreign_logged: std::collections::HashSet<String>,
     bad: HashMap<String, Bad>,
     merger: Merger,
     totals: Totals,
@@ -119,6 +120,8 @@ pub struct Aggregator {
     /// carrying one of them is removed, never folded again (a failed unlink, a copy put back).
     folded_ever: std::collections::HashSet<String>,
     dead_since_rebuild: usize,
+    /// The merger epoch all mappings were made at.
+    epoch_mapped: u64,
     stats: Stats,
     workers: Vec<WorkerInfo>,
     self_meta: SelfMeta,
@@ -139,12 +142,14 @@ impl Aggregator {
             py: HashMap::new(),
             keys: KeyCache::default(),
             compact_python: opts.compact_python,
+            foreign_logged: Default::default(),
             bad: HashMap::new(),
             merger,
             totals: loaded.totals,
             folded_ever: loaded.folded.iter().cloned().collect(),
             folded: loaded.folded,
             dead_since_rebuild: 0,
+            epoch_mapped: 0,
             stats: Stats::default(),
             workers: Vec::new(),
             self_meta: SelfMeta::new(),
@@ -261,6 +266,9 @@ impl Aggregator {
             if !layout::is_writer_file(name) {
                 if !dir::is_ours(name) {
                     foreign += 1;
+                    if self.foreign_logged.insert(name.clone()) {
+                        tracing::info!(file = %name, "not a shmetrics or prometheus_client file; skipping it");
+                    }
                 }
                 continue;
             }
@@ -346,7 +354,11 @@ impl Aggregator {
     fn refresh_python(&mut self) {
         let mut failed = Vec::new();
         let mut starts: HashMap<i32, bool> = HashMap::new();
-        for (name, t) in &mut self.py {
+        // In name order: when two files define a metric differently, the same one wins every
+        // time, across restarts too.
+        let mut order: Vec<(&String, &mut PyTracked)> = self.py.iter_mut().collect();
+        order.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, t) in order {
             if let Err((reason, why)) = t.file.refresh(&mut self.keys) {
                 failed.push((name.clone(), reason, why));
                 continue;
@@ -417,12 +429,12 @@ impl Aggregator {
                         if t.fold(&mut self.merger).is_err() {
                             continue;
                         }
-                        self.totals.python_files_folded += 1;
                         self.dead_since_rebuild += 1;
                         self.folded.push(id.clone());
                         self.folded_ever.insert(id.clone());
                     }
                     if let Some(t) = self.py.remove(&name) {
+                        self.totals.python_files_compacted += 1;
                         doomed.push((id, t.file.path().to_path_buf()));
                     }
                 }
@@ -454,7 +466,8 @@ impl Aggregator {
     fn refresh_and_fold(&mut self) {
         let mut failed = Vec::new();
         let mut dead = Vec::new();
-        let names: Vec<String> = self.files.keys().cloned().collect();
+        let mut names: Vec<String> = self.files.keys().cloned().collect();
+        names.sort();
         for name in names {
             let Some(t) = self.files.get_mut(&name) else { continue };
             // Liveness first: if the writer is dead, the refresh below sees its final records.
@@ -479,6 +492,11 @@ impl Aggregator {
         }
         self.fold(dead);
         self.refresh_python();
+        if self.merger.epoch() != self.epoch_mapped {
+            // Bucket bounds widened (another version of a histogram appeared): remap everything.
+            self.remap();
+            self.epoch_mapped = self.merger.epoch();
+        }
         self.collect_workers();
         if self.dead_since_rebuild > 16.max(self.files.len()) {
             self.rebuild();
@@ -568,6 +586,13 @@ impl Aggregator {
     /// Drops merged series that only dead processes had (per-process gauges under churn).
     fn rebuild(&mut self) {
         self.merger = self.merger.rebuilt();
+        self.remap();
+        self.epoch_mapped = self.merger.epoch();
+        self.dead_since_rebuild = 0;
+    }
+
+    /// Maps every followed file afresh to the merger's series.
+    fn remap(&mut self) {
         self.stats.conflicts = 0;
         for t in self.files.values_mut() {
             t.families.clear();
@@ -578,7 +603,6 @@ impl Aggregator {
             t.reset();
             t.map_new(&mut self.merger, &mut self.stats.conflicts);
         }
-        self.dead_since_rebuild = 0;
     }
 
     fn self_metrics(&self, snap: &mut Snapshot) {
@@ -602,13 +626,12 @@ impl Aggregator {
             one(&m.dropped_updates, Value::U64(s.totals.dropped_updates + s.live_dropped_updates)),
             one(&m.python_files, Value::F64(s.python_files as f64)),
             one(&m.python_processes, Value::F64(s.python_processes as f64)),
-            one(&m.python_folded, Value::U64(s.totals.python_files_folded)),
+            one(&m.python_folded, Value::U64(s.totals.python_files_compacted)),
         ];
         let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
         for reason in [BadReason::Corrupt, BadReason::Foreign, BadReason::Truncated, BadReason::Version] {
             let n = s.bad_files.get(&reason).copied().unwrap_or(0);
-            let values = vec![reason.as_str().to_string()];
-            let labels = Arc::new(LabelSet { text: format!("reason=\"{}\"", reason.as_str()), values });
+            let labels = Arc::new(LabelSet::new(vec![("reason".to_string(), reason.as_str().to_string())]));
             bad.series.push((labels, Value::F64(n as f64)));
         }
         fams.push(bad);
@@ -633,11 +656,28 @@ fn map_new(merger: &mut Merger, t: &mut Tracked, conflicts: &mut usize) {
         let s = &f.series[t.series.len()];
         let idx = match t.families.get(s.metric_id as usize).copied().flatten() {
             Some(fam) => {
-                let mut values = s.label_values.clone();
-                if merger.family_desc(fam).gauge_mode.is_some_and(GaugeMode::per_process) {
-                    values.push(f.pid.to_string());
+                let desc = &f.metrics[s.metric_id as usize];
+                let mut pairs: Vec<(String, String)> =
+                    desc.label_names.iter().cloned().zip(s.label_values.iter().cloned()).collect();
+                if desc.gauge_mode.is_some_and(GaugeMode::per_process) {
+                    pairs.push(("pid".to_string(), f.pid.to_string()));
                 }
-                merger.series_for(fam, values)
+                let idx = merger.series_for(fam, pairs);
+                if desc.metric_type == MetricType::Histogram {
+                    // Our slots are laid out for the file's own buckets: the merged series must
+                    // have exactly those bounds (it takes them if it has none yet).
+                    if merger.bounds(idx).is_empty() {
+                        merger.widen(idx, &desc.buckets);
+                    }
+                    if merger.bounds(idx) != desc.buckets.as_slice() {
+                        *conflicts += 1;
+                        tracing::warn!(metric = %desc.name, file = %f.path().display(),
+                            "histogram series with other buckets elsewhere; this process's series is not exported");
+                        t.series.push(SKIP);
+                        continue;
+                    }
+                }
+                idx
             }
             None => SKIP,
         };
@@ -689,7 +729,7 @@ impl SelfMeta {
     fn new() -> SelfMeta {
         use MetricType::{Counter, Gauge};
         SelfMeta {
-            no_labels: Arc::new(LabelSet { values: Vec::new(), text: String::new() }),
+            no_labels: Arc::new(LabelSet::default()),
             scrape_seconds: meta(
                 "shmetrics_scrape_duration_seconds",
                 "Time the last scrape took to read and merge all files.",
@@ -755,7 +795,7 @@ impl SelfMeta {
                 &[],
             ),
             python_folded: meta(
-                "shmetrics_python_files_folded",
+                "shmetrics_python_files_compacted",
                 "Dead Python processes' files folded into the archive (--compact-python).",
                 Counter,
                 &[],

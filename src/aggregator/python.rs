@@ -64,6 +64,9 @@ pub(super) struct PyTracked {
     /// Histogram series whose `+Inf` bucket has not been written yet: entries wait here, since
     /// the family's bucket bounds are known only once the series is complete.
     pending: HashMap<SeriesKey, Vec<usize>>,
+    /// Histogram series already mapped: merged index and bucket bounds, for entries that arrive
+    /// after the series was complete.
+    mapped: HashMap<SeriesKey, (u32, Vec<f64>)>,
     /// Whether its process was alive at the last scan (always true for non-pid ids).
     pub alive: bool,
     /// Compaction in progress: the original path and when the file was renamed aside.
@@ -78,6 +81,7 @@ impl PyTracked {
             file,
             targets: Vec::new(),
             pending: HashMap::new(),
+            mapped: HashMap::new(),
             alive: true,
             aside: None,
             keep: false,
@@ -88,6 +92,7 @@ impl PyTracked {
     pub fn reset(&mut self) {
         self.targets.clear();
         self.pending.clear();
+        self.mapped.clear();
     }
 
     /// Whether the file holds live-mode gauges (dropped when the process is dead).
@@ -105,7 +110,6 @@ impl PyTracked {
             let suffix = key.sample.strip_prefix(key.metric.as_str());
             let help = key.help.as_deref().unwrap_or(OLD_HELP);
             let names: Vec<&str> = key.labels.iter().map(|(n, _)| n.as_str()).collect();
-            let values: Vec<String> = key.labels.iter().map(|(_, v)| v.clone()).collect();
             let (t, mode, part) = match (kind, suffix) {
                 (PyKind::Counter, Some("_total")) => (MetricType::Counter, None, Part::Value),
                 (PyKind::Summary, Some("_count")) => (MetricType::Summary, None, Part::SummaryCount),
@@ -115,7 +119,7 @@ impl PyTracked {
                     (MetricType::Gauge, Some(m), part)
                 }
                 (PyKind::Histogram, Some("_bucket" | "_sum")) => {
-                    self.pend(i, merger, conflicts);
+                    self.pend(i);
                     continue;
                 }
                 // `_created`, a stored `_count` of a histogram (derived, as Python does), or a
@@ -124,33 +128,63 @@ impl PyTracked {
             };
             let desc = py_desc(&key.metric, help, t, mode, &names, Vec::new());
             let Some(fam) = family(merger, &desc, conflicts) else { continue };
-            let mut values = values;
+            let mut pairs = key.labels.clone();
             if mode.is_some_and(GaugeMode::per_process) {
-                values.push(self.file.name.id.clone());
+                pairs.push(("pid".to_string(), self.file.name.id.clone()));
             }
-            let idx = merger.series_for(fam, values);
+            let idx = merger.series_for(fam, pairs);
             self.targets[i] = target(merger, idx, part);
+        }
+        // A histogram series is complete once its `+Inf` bucket exists: prometheus_client writes
+        // `_sum` and the buckets in one go, `+Inf` last, but any order is accepted as long as the
+        // entries were all there when the batch was parsed.
+        let complete: Vec<SeriesKey> = self
+            .pending
+            .iter()
+            .filter(|(_, members)| {
+                members
+                    .iter()
+                    .any(|&j| self.file.entries[j].key.labels.iter().any(|(n, v)| n == "le" && v == "+Inf"))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for group in complete {
+            self.map_group(group, merger, conflicts);
         }
     }
 
-    /// Files a histogram entry under its series; maps the series once its `+Inf` bucket is known.
-    fn pend(&mut self, i: usize, merger: &mut Merger, conflicts: &mut usize) {
+    fn le(&self, j: usize) -> Option<Result<f64, std::num::ParseFloatError>> {
+        self.file.entries[j].key.labels.iter().find(|(n, _)| n == "le").map(|(_, v)| v.parse::<f64>())
+    }
+
+    /// Files a histogram entry under its series: directly if the series is mapped already, else in
+    /// `pending` until the series is complete.
+    fn pend(&mut self, i: usize) {
         let key = std::sync::Arc::clone(&self.file.entries[i].key);
         let without_le: Vec<(String, String)> =
             key.labels.iter().filter(|(n, _)| n != "le").cloned().collect();
         let group = (key.metric.clone(), without_le);
-        let complete = key.labels.iter().any(|(n, v)| n == "le" && v == "+Inf");
-        self.pending.entry(group.clone()).or_default().push(i);
-        if !complete {
+        if let Some((idx, bounds)) = self.mapped.get(&group) {
+            let part = match self.le(i) {
+                Some(Ok(b)) if b.is_infinite() => Some(Part::Bucket(bounds.len() as u16)),
+                Some(Ok(b)) => bounds.iter().position(|x| *x == b).map(|p| Part::Bucket(p as u16)),
+                Some(Err(_)) => None,
+                None => Some(Part::HistSum),
+            };
+            if let Some(part) = part {
+                self.targets[i] = Target { idx: *idx, part, rule: Rule::Hist, buckets: bounds.len() as u16 };
+            }
             return;
         }
+        self.pending.entry(group).or_default().push(i);
+    }
+
+    /// Maps a complete histogram series: its finite `le` values are the family's bucket bounds.
+    fn map_group(&mut self, group: SeriesKey, merger: &mut Merger, conflicts: &mut usize) {
         let Some(members) = self.pending.remove(&group) else { return };
-        let le = |j: usize| {
-            self.file.entries[j].key.labels.iter().find(|(n, _)| n == "le").map(|(_, v)| v.parse::<f64>())
-        };
         let mut bounds: Vec<f64> = Vec::new();
         for &j in &members {
-            match le(j) {
+            match self.le(j) {
                 Some(Ok(b)) if b.is_finite() => bounds.push(b),
                 Some(Ok(_)) | None => {}
                 Some(Err(_)) => return, // an `le` that is not a number: not exported
@@ -158,14 +192,17 @@ impl PyTracked {
         }
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
-        let key = &self.file.entries[i].key;
+        let key = std::sync::Arc::clone(&self.file.entries[members[0]].key);
         let help = key.help.as_deref().unwrap_or(OLD_HELP);
         let names: Vec<&str> = group.1.iter().map(|(n, _)| n.as_str()).collect();
         let desc = py_desc(&group.0, help, MetricType::Histogram, None, &names, bounds.clone());
         let Some(fam) = family(merger, &desc, conflicts) else { return };
-        let idx = merger.series_for(fam, group.1.iter().map(|(_, v)| v.clone()).collect());
+        let idx = merger.series_for(fam, group.1.clone());
+        // The merged series holds the union of every version's bounds; index into that.
+        merger.widen(idx, &bounds);
+        let bounds = merger.bounds(idx).to_vec();
         for j in members {
-            let part = match le(j) {
+            let part = match self.le(j) {
                 Some(Ok(b)) => {
                     let pos = bounds.iter().position(|x| *x == b).unwrap_or(bounds.len());
                     Part::Bucket(pos as u16)
@@ -174,6 +211,7 @@ impl PyTracked {
             };
             self.targets[j] = target(merger, idx, part);
         }
+        self.mapped.insert(group, (idx, bounds));
     }
 
     /// Adds this file's current values into `accs`.

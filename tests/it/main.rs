@@ -5,6 +5,8 @@ mod util;
 mod dir_rules;
 mod formats;
 mod layout_doc;
+mod python_compat;
+mod python_servers;
 mod robustness;
 mod run_cmd;
 mod workers;
