@@ -73,7 +73,7 @@ pub fn push_go_float(out: &mut String, v: f64) {
     out.push_str(sign);
     // Python's repr: scientific below 1e-4 and from 1e16; Go's formatting, which
     // floatToGoString imitates, also for positive values with more than 6 integer digits.
-    if exp < -4 || exp >= 16 || (v > 0.0 && exp >= 6) {
+    if !(-4..16).contains(&exp) || (v > 0.0 && exp >= 6) {
         let (first, rest) = digits.split_at(1);
         out.push_str(first);
         if !rest.is_empty() {
