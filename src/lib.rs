@@ -74,9 +74,13 @@ pub mod error;
 pub mod expose;
 pub mod layout;
 pub mod merge;
+pub mod monitor;
+pub mod ops;
+pub mod perf;
 pub mod python;
 pub mod reader;
 pub mod serve;
+pub mod warmup;
 pub mod writer;
 
 pub use error::{Error, Result};

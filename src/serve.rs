@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::aggregator::Aggregator;
 use crate::expose::{self, Format};
 use crate::merge::Snapshot;
+use crate::ops::Ops;
 
 /// How long a client may take to send its request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,9 +71,13 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-const INDEX: &str = "shmetrics aggregator\n\n/metrics  job-wide metrics (Prometheus text 0.0.4, OpenMetrics 1.0.0 by Accept)\n";
+const INDEX: &str = "shmetrics aggregator\n\n\
+/metrics       job-wide metrics (Prometheus text 0.0.4, OpenMetrics 1.0.0 by Accept)\n\
+/healthz       200 OK, or 503 with the reason\n\
+/perf_metrics  JSON: memory, workers, metrics statistics (?interval=SECONDS adds CPU %)\n";
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(ops: Arc<Ops>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let shared = Arc::clone(ops.shared());
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -80,20 +85,35 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         return Ok(r);
     }
     let resp = match req.uri().path() {
-        "/metrics" => metrics(&shared, &req).await,
+        "/metrics" => metrics(&ops, &shared, &req).await,
+        "/healthz" => {
+            let h = ops.health().await;
+            let status = if h.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            text(status, format!("{}\n", h.message))
+        }
+        "/perf_metrics" => {
+            let interval = req.uri().query().and_then(|q| {
+                q.split('&').find_map(|kv| kv.strip_prefix("interval=")).and_then(|v| v.parse::<f64>().ok())
+            });
+            let doc = ops.perf_metrics(interval).await;
+            let mut r = Response::new(Full::new(Bytes::from(format!("{doc}\n"))));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
         "/" => text(StatusCode::OK, INDEX),
         _ => text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
     };
     Ok(if head { resp.map(|_| Full::new(Bytes::new())) } else { resp })
 }
 
-async fn metrics(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn metrics(ops: &Arc<Ops>, shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let format = Format::from_accept(header(ACCEPT));
     let gzip = accepts_gzip(header(ACCEPT_ENCODING));
-    let Some(snapshot) = shared.scrape().await else {
+    let Some(mut snapshot) = shared.scrape().await else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "scrape failed; see the aggregator's log\n");
     };
+    crate::perf::process_families(ops, &mut snapshot).await;
     let body = expose::encode(&snapshot, format).into_bytes();
     let (body, encoding) = if gzip {
         let mut enc =
@@ -116,11 +136,7 @@ async fn metrics(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Full
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then gives in-flight requests a few
 /// seconds to finish.
-pub async fn http(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+pub async fn http(listener: TcpListener, ops: Arc<Ops>, shutdown: impl std::future::Future<Output = ()>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -136,13 +152,13 @@ pub async fn http(
             },
             () = &mut shutdown => break,
         };
-        let shared = Arc::clone(&shared);
+        let ops = Arc::clone(&ops);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(
                 TokioIo::new(stream),
-                hyper::service::service_fn(move |req| handle(Arc::clone(&shared), req)),
+                hyper::service::service_fn(move |req| handle(Arc::clone(&ops), req)),
             );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

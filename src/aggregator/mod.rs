@@ -122,6 +122,8 @@ pub struct Aggregator {
     dead_since_rebuild: usize,
     /// The merger epoch all mappings were made at.
     epoch_mapped: u64,
+    /// Whether any worker was seen since start (health: booting until then).
+    ever_seen: bool,
     stats: Stats,
     workers: Vec<WorkerInfo>,
     self_meta: SelfMeta,
@@ -150,6 +152,7 @@ impl Aggregator {
             folded: loaded.folded,
             dead_since_rebuild: 0,
             epoch_mapped: 0,
+            ever_seen: false,
             stats: Stats::default(),
             workers: Vec::new(),
             self_meta: SelfMeta::new(),
@@ -174,6 +177,26 @@ impl Aggregator {
     /// Live workers as of the last scan.
     pub fn workers(&self) -> &[WorkerInfo] {
         &self.workers
+    }
+
+    /// Whether any worker (a shmetrics file or a live Python process) was seen since start.
+    pub fn workers_ever_seen(&self) -> bool {
+        self.ever_seen
+    }
+
+    /// Ready workers as of the last scan: shmetrics workers that set their ready flag, plus live
+    /// Python processes (prometheus_client has no way to say it is ready).
+    pub fn ready_workers(&self) -> usize {
+        self.workers.iter().filter(|w| w.ready).count() + self.stats.python_processes
+    }
+
+    /// Pids of the live Python processes as of the last scan.
+    pub fn python_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> =
+            self.py.values().filter(|t| t.alive).filter_map(|t| t.file.name.pid()).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// Scans the directory, folds dead workers and returns the merged view plus self metrics.
@@ -580,6 +603,7 @@ impl Aggregator {
         self.stats.live_dropped_updates =
             self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_UPDATES)).sum();
         self.stats.totals = self.totals.clone();
+        self.ever_seen |= !workers.is_empty() || self.stats.python_processes > 0;
         self.workers = workers;
     }
 

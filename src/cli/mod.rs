@@ -1,6 +1,8 @@
 //! Command-line front end. `anyhow` lives here only: the library returns typed errors, the binary
 //! turns them into one clear message and an exit status.
 
+mod ctl;
+mod dump;
 mod run;
 mod serve;
 
@@ -25,14 +27,34 @@ enum Command {
     Serve(ServeArgs),
     /// Run a pre-fork server with SHMETRICS_DIR set, serving its metrics while it runs.
     Run(RunArgs),
+    /// Send one command to a monitor port and print the reply (exit 0 for OK-type replies).
+    Ctl(ctl::CtlArgs),
+    /// Aggregate a directory once and print it (cron, Telegraf's exec input); no server, no lock.
+    Dump(dump::DumpArgs),
 }
 
 /// Options shared by `serve` and `run`.
 #[derive(Args, Debug, Clone)]
 struct AggregatorArgs {
-    /// Address for /metrics (separate from the application's port).
-    #[arg(long, default_value = "127.0.0.1:9180")]
-    listen: SocketAddr,
+    /// Address for /metrics, /healthz and /perf_metrics (separate from the application's port).
+    /// Default 127.0.0.1:9180, or the instance port + 80.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address of the monitor port (zc.monitor line protocol: health_check, perf_metrics, …).
+    /// Default: the metrics port + 1 (127.0.0.1:9181, or the instance port + 81).
+    #[arg(long)]
+    monitor: Option<SocketAddr>,
+    /// The application's HTTP port: derive the metrics port (+80) and the monitor port (+81)
+    /// from it, as ftw.monitor does.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=65454))]
+    instance_port: Option<u16>,
+    /// Ready workers needed for the health check to say OK.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// URL to GET once at start (retried until it answers 2xx); health says "Warmup in progress"
+    /// until then. Disabled by SHMETRICS_AUTOWARMUP=0.
+    #[arg(long)]
+    warmup_url: Option<String>,
     /// Remove every shmetrics file in the directory at start-up, even those of live workers.
     #[arg(long, conflicts_with = "keep")]
     wipe: bool,
@@ -78,6 +100,25 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 impl AggregatorArgs {
+    fn listen(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| local(self.instance_port.map_or(9180, |p| p + 80)))
+    }
+
+    /// The monitor address: given, or the metrics port + 1 (so the instance port + 81), or an
+    /// ephemeral port when the metrics port is ephemeral.
+    fn monitor(&self) -> SocketAddr {
+        self.monitor.unwrap_or_else(|| {
+            let http = self.listen();
+            let port = if http.port() == 0 { 0 } else { http.port().saturating_add(1) };
+            SocketAddr::new(http.ip(), port)
+        })
+    }
+
+    fn health(&self) -> shmetrics::ops::HealthConfig {
+        let warmup_url = self.warmup_url.clone().filter(|_| !shmetrics::warmup::disabled_by_env());
+        shmetrics::ops::HealthConfig { min_workers: self.min_workers, warmup_url }
+    }
+
     fn options(&self) -> shmetrics::aggregator::Options {
         shmetrics::aggregator::Options {
             wipe: self.wipe,
@@ -110,12 +151,69 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::main(a),
         Command::Run(a) => run::main(a),
+        Command::Ctl(a) => ctl::main(a),
+        Command::Dump(a) => dump::main(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shmetrics: error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The servers of a running aggregator: HTTP, the monitor port, upkeep and warmup.
+struct Servers {
+    /// Where /metrics is served (the bound address, also when the port was 0).
+    http_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Servers {
+    /// Binds both ports (a clear error if one is taken) and starts everything.
+    async fn start(agg: shmetrics::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
+        use anyhow::Context;
+        let (http_addr, mon_addr) = (args.listen(), args.monitor());
+        let http = tokio::net::TcpListener::bind(http_addr).await.with_context(|| {
+            format!("cannot listen on {http_addr} (use --listen to pick another address)")
+        })?;
+        let mon = tokio::net::TcpListener::bind(mon_addr).await.with_context(|| {
+            format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
+        })?;
+        let shared = shmetrics::serve::Shared::new(agg);
+        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health());
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let (http_addr, monitor_addr) = (http.local_addr()?, mon.local_addr()?);
+        tracing::info!("monitor port on {monitor_addr}");
+        let tasks = vec![
+            tokio::spawn(shmetrics::serve::http(http, ops.clone(), until(rx.clone()))),
+            tokio::spawn(shmetrics::monitor::serve(mon, ops.clone(), until(rx))),
+        ];
+        let background = vec![
+            tokio::spawn(shmetrics::serve::upkeep(shared, args.upkeep())),
+            tokio::spawn(ops.run_warmup()),
+        ];
+        Ok(Servers { http_addr, stop, tasks, background })
+    }
+
+    /// Stops accepting, lets in-flight requests finish, stops background work.
+    async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        for t in self.background {
+            t.abort();
         }
     }
 }

@@ -15,10 +15,9 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use shmetrics::aggregator::Aggregator;
-use shmetrics::serve::{self, Shared};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::RunArgs;
+use super::{RunArgs, Servers};
 
 /// Signals forwarded to the child.
 const FORWARDED: [Signal; 8] = [
@@ -58,17 +57,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let agg = Aggregator::open(&dir, &opts)?;
     let rt = super::runtime()?;
     let code = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.agg.listen).await.with_context(|| {
-            format!("cannot listen on {} (use --listen to pick another address)", args.agg.listen)
-        })?;
-        let addr = listener.local_addr()?;
-        let shared = Shared::new(agg);
         // Handlers first: a signal that arrives once the child exists must be forwarded, not kill
         // us and orphan the child.
         let mut streams = Vec::new();
         for sig in FORWARDED {
             streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
         }
+        let servers = Servers::start(agg, &args.agg).await?;
+        let addr = servers.http_addr;
         let (program, rest) = args.command.split_first().context("no command given after --")?;
         let mut child = tokio::process::Command::new(program)
             .args(rest)
@@ -86,11 +82,6 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             program,
             dir.display()
         );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve::http(listener, shared.clone(), async move {
-            let _ = stop_rx.await;
-        }));
-        let upkeep = tokio::spawn(serve::upkeep(shared.clone(), args.agg.upkeep()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (sig, mut s) in streams {
             let tx = tx.clone();
@@ -111,9 +102,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        upkeep.abort();
-        let _ = stop_tx.send(());
-        let _ = server.await;
+        servers.shutdown().await;
         let code = match (status.code(), status.signal()) {
             (Some(c), _) => c,
             (None, Some(s)) => 128 + s,
