@@ -51,6 +51,7 @@ const WARMUP_DONE: u8 = 2;
 /// The operations view shared by the monitor port and the HTTP endpoints.
 pub struct Ops {
     shared: Arc<Shared>,
+    procs: crate::perf::ProcCache,
     config: HealthConfig,
     started: Instant,
     warmup: AtomicU8,
@@ -61,7 +62,13 @@ impl Ops {
     /// [`Ops::run_warmup`] must then be spawned).
     pub fn new(shared: Arc<Shared>, config: HealthConfig) -> Arc<Ops> {
         let warmup = if config.warmup_url.is_some() { WARMUP_PENDING } else { WARMUP_NONE };
-        Arc::new(Ops { shared, config, started: Instant::now(), warmup: AtomicU8::new(warmup) })
+        Arc::new(Ops {
+            shared,
+            procs: crate::perf::ProcCache::default(),
+            config,
+            started: Instant::now(),
+            warmup: AtomicU8::new(warmup),
+        })
     }
 
     /// The aggregator.
@@ -129,7 +136,13 @@ impl Ops {
     }
 
     /// The `monitor` command's text: aggregator and workers, pid, RSS, uptime.
-    pub fn monitor_text(&self) -> String {
-        crate::perf::monitor_text(self)
+    pub async fn monitor_text(self: &Arc<Self>) -> String {
+        crate::perf::monitor_text(self).await
+    }
+
+    /// The job's processes (workers and their masters) with memory, CPU and descriptors, at most
+    /// [`crate::perf::TTL`] old.
+    pub async fn procs(self: &Arc<Self>) -> Arc<Vec<crate::perf::ProcStats>> {
+        self.procs.get(self).await
     }
 }

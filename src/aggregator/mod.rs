@@ -34,6 +34,8 @@ const SKIP: u32 = u32::MAX;
 /// A worker file being followed.
 struct Tracked {
     file: WorkerFile,
+    /// Its writer is gone (kept only by a read-only aggregator, which does not fold).
+    dead: bool,
     /// Merged family per file metric id (`None`: conflicts with another file's definition).
     families: Vec<Option<u32>>,
     /// Merged series per file series index, or [`SKIP`].
@@ -53,6 +55,8 @@ pub struct WorkerInfo {
     pub pid: u64,
     /// File creation time, unix ns.
     pub start_time_ns: u64,
+    /// Pid of the process that forked it (0 if none): its master.
+    pub parent_pid: u64,
     /// Whether the worker declared itself ready.
     pub ready: bool,
     /// The worker's file.
@@ -97,6 +101,9 @@ pub struct Options {
     pub wipe: bool,
     /// Apply no start-up rule: read the directory as it is (one-shot reads, benchmarks).
     pub keep: bool,
+    /// Take no lock and change nothing in the directory (`shmetrics dump`, next to a running
+    /// aggregator): dead workers' files are read as they are instead of being folded.
+    pub read_only: bool,
     /// Fold dead Python processes' files into the archive and remove them (see
     /// [`python`](self::python) for why that is safe).
     pub compact_python: bool,
@@ -104,7 +111,10 @@ pub struct Options {
 
 /// Follows a directory and produces merged snapshots.
 pub struct Aggregator {
-    lock: DirLock,
+    /// The directory lock; `None` for a read-only aggregator.
+    _lock: Option<DirLock>,
+    dir: PathBuf,
+    read_only: bool,
     startup: Startup,
     files: HashMap<String, Tracked>,
     py: HashMap<String, PyTracked>,
@@ -132,13 +142,25 @@ pub struct Aggregator {
 impl Aggregator {
     /// Takes ownership of `dir` (creating it), applies the start-up rule and loads the archive.
     pub fn open(dir: &Path, opts: &Options) -> Result<Aggregator> {
-        let lock = dir::lock(dir)?;
-        let startup = if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe)? };
+        let (lock, startup) = if opts.read_only {
+            if !dir.is_dir() {
+                return Err(crate::Error::io(dir, std::io::Error::from(std::io::ErrorKind::NotFound)));
+            }
+            (None, Startup::Kept)
+        } else {
+            let lock = dir::lock(dir)?;
+            let startup = if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe)? };
+            (Some(lock), startup)
+        };
         let mut merger = Merger::new();
-        let loaded = archive::load(lock.dir(), &mut merger)?;
-        tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
+        let loaded = archive::load(dir, &mut merger)?;
+        if !opts.read_only {
+            tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
+        }
         Ok(Aggregator {
-            lock,
+            _lock: lock,
+            dir: dir.to_path_buf(),
+            read_only: opts.read_only,
             startup,
             files: HashMap::new(),
             py: HashMap::new(),
@@ -161,7 +183,7 @@ impl Aggregator {
 
     /// The directory.
     pub fn dir(&self) -> &Path {
-        self.lock.dir()
+        &self.dir
     }
 
     /// What start-up did.
@@ -187,7 +209,8 @@ impl Aggregator {
     /// Ready workers as of the last scan: shmetrics workers that set their ready flag, plus live
     /// Python processes (prometheus_client has no way to say it is ready).
     pub fn ready_workers(&self) -> usize {
-        self.workers.iter().filter(|w| w.ready).count() + self.stats.python_processes
+        let is_master = |w: &WorkerInfo| self.workers.iter().any(|o| o.parent_pid == w.pid);
+        self.workers.iter().filter(|w| w.ready && !is_master(w)).count() + self.stats.python_processes
     }
 
     /// Pids of the live Python processes as of the last scan.
@@ -209,9 +232,10 @@ impl Aggregator {
         for (name, t) in &mut self.files {
             let merger = &self.merger;
             let map = &t.series;
+            let dead = t.dead;
             let read = t.file.for_each_values(|i, slots| {
                 if let Some(&idx) = map.get(i) {
-                    if idx != SKIP {
+                    if idx != SKIP && !(dead && merger.family_is_live(idx)) {
                         accs[idx as usize].add_slots(merger.rule(idx), slots);
                     }
                 }
@@ -309,7 +333,7 @@ impl Aggregator {
                     let id = layout::file_id_hex(&file.file_id);
                     if self.folded_ever.contains(&id) {
                         // Folded already (its removal failed, or a copy was put back).
-                        if file.is_dead_now() {
+                        if file.is_dead_now() && !self.read_only {
                             let _ = std::fs::remove_file(&path);
                         }
                         continue;
@@ -323,8 +347,10 @@ impl Aggregator {
                         continue;
                     }
                     self.bad.remove(name);
-                    self.files
-                        .insert(name.clone(), Tracked { file, families: Vec::new(), series: Vec::new() });
+                    self.files.insert(
+                        name.clone(),
+                        Tracked { file, dead: false, families: Vec::new(), series: Vec::new() },
+                    );
                 }
                 Err((reason, why)) => self.mark_bad(name, reason, &why),
             }
@@ -365,6 +391,13 @@ impl Aggregator {
         let Some(pyname) = py::parse_name(original) else { return };
         match PyFile::open(&path, pyname) {
             Ok(file) => {
+                if self.folded_ever.contains(&format!("py:{original}:{}", file.dev_ino.1)) {
+                    // The archive holds it already; its removal was interrupted.
+                    if !self.read_only {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    return;
+                }
                 let mut t = PyTracked::new(file);
                 let since = Instant::now().checked_sub(python::GRACE).unwrap_or_else(Instant::now);
                 t.aside = Some((self.dir().join(original), since));
@@ -399,7 +432,7 @@ impl Aggregator {
         for (name, reason, why) in failed {
             self.mark_bad(&name, reason, &why);
         }
-        if self.compact_python {
+        if self.compact_python && !self.read_only {
             self.compact_python_files();
         }
     }
@@ -417,7 +450,7 @@ impl Aggregator {
                 None if !t.alive => {
                     // Step 1: rename aside. From now on a process with this pid makes a new file.
                     let aside_name = format!("{}{name}", python::ASIDE_PREFIX);
-                    let aside = self.lock.dir().join(&aside_name);
+                    let aside = self.dir.join(&aside_name);
                     if std::fs::rename(t.file.path(), &aside).is_ok() {
                         let original = t.file.path().to_path_buf();
                         t.file.set_path(aside);
@@ -471,6 +504,9 @@ impl Aggregator {
 
     /// A temp file whose lock is free is the leftover of a writer that died while creating it.
     fn remove_stale_temp(&mut self, path: &Path) {
+        if self.read_only {
+            return;
+        }
         let old = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .ok()
@@ -506,7 +542,8 @@ impl Aggregator {
                 continue;
             }
             map_new(&mut self.merger, t, &mut self.stats.conflicts);
-            if is_dead {
+            t.dead = is_dead;
+            if is_dead && !self.read_only {
                 dead.push(name);
             }
         }
@@ -569,7 +606,7 @@ impl Aggregator {
     /// between leaves files whose ids the archive lists, which a later pass removes without
     /// folding them again.
     fn save_and_remove(&mut self, removed: Vec<(String, PathBuf)>) {
-        if let Err(e) = archive::save(self.lock.dir(), &self.merger, &self.totals, &self.folded) {
+        if let Err(e) = archive::save(&self.dir, &self.merger, &self.totals, &self.folded) {
             tracing::error!("cannot save the archive, dead workers' files are kept until it works: {e}");
             return;
         }
@@ -592,6 +629,7 @@ impl Aggregator {
             .map(|t| WorkerInfo {
                 pid: t.file.pid,
                 start_time_ns: t.file.start_time_ns,
+                parent_pid: t.file.parent_pid,
                 ready: t.file.header_word(header::FLAGS) & layout::flags::READY != 0,
                 path: t.file.path().to_path_buf(),
             })

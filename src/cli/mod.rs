@@ -121,6 +121,7 @@ impl AggregatorArgs {
 
     fn options(&self) -> shmetrics::aggregator::Options {
         shmetrics::aggregator::Options {
+            read_only: false,
             wipe: self.wipe,
             keep: self.keep,
             compact_python: self.compact_python,

@@ -189,7 +189,12 @@ fn same_value(key: &str, ours: f64, python: f64) -> bool {
 fn differences(ours: &Expo, python: &Expo) -> Vec<String> {
     let mut d = Vec::new();
     let ours_samples: BTreeMap<&String, f64> =
-        ours.samples.iter().filter(|(k, _)| !k.starts_with("shmetrics_")).map(|(k, v)| (k, *v)).collect();
+        // Our additions Python cannot give: self metrics and per-process metrics.
+        ours.samples
+            .iter()
+            .filter(|(k, _)| !k.starts_with("shmetrics_") && !k.starts_with("process_"))
+            .map(|(k, v)| (k, *v))
+            .collect();
     for (k, pv) in &python.samples {
         match ours_samples.get(k) {
             None => d.push(format!("missing in ours: {k}   (python {pv:?})")),
