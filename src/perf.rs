@@ -224,7 +224,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "files": stats.files,
             "python_files": stats.python_files,
             "series": stats.series,
-            "live_workers": stats.live_workers + stats.python_processes,
+            "live_workers": procs.iter().filter(|p| p.kind != "master").count(),
             "dead_workers_archived": stats.totals.dead_workers,
             "crashed_workers": stats.totals.crashed_workers,
             "python_files_compacted": stats.totals.python_files_compacted,
