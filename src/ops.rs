@@ -8,7 +8,8 @@
 //! Health, checked in this order (the first that applies is the answer, as in ftw.monitor):
 //! 1. `Instance is booting` — no worker has appeared since the aggregator started;
 //! 2. `Warmup in progress` — `--warmup-url` has not answered 2xx yet;
-//! 3. `No live workers` / `Only N of M required workers are ready` — fewer than `--min-workers`
+//! 3. `No live workers` — none alive; `Only N of M required workers are ready` — fewer than
+//!    `--min-workers`
 //!    ready workers (a shmetrics worker is ready once it called `Registry::set_ready(true)`; a
 //!    Python prometheus_client worker, which cannot say, once its process is alive);
 //! 4. `OK`.
@@ -87,11 +88,11 @@ impl Ops {
         let seen = tokio::task::spawn_blocking(move || {
             shared.with(|a| {
                 a.compact();
-                (a.workers_ever_seen(), a.ready_workers())
+                (a.workers_ever_seen(), a.ready_workers(), a.live_workers())
             })
         })
         .await;
-        let Ok((ever_seen, ready)) = seen else {
+        let Ok((ever_seen, ready, live)) = seen else {
             return Health { ok: false, message: "Health check failed; see the aggregator's log".into() };
         };
         let bad = |m: String| Health { ok: false, message: m };
@@ -102,7 +103,7 @@ impl Ops {
             return bad("Warmup in progress".into());
         }
         let need = self.config.min_workers.max(1);
-        if ready == 0 {
+        if live == 0 {
             return bad("No live workers".into());
         }
         if ready < need {

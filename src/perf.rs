@@ -218,7 +218,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "uss": total(&procs, |p| p.uss),
             "pss": total(&procs, |p| p.pss),
         },
-        "cpu": { "seconds": procs.iter().map(|p| p.cpu_seconds).sum::<f64>() },
+        "cpu": { "seconds": procs.iter().fold(0.0, |a, p| a + p.cpu_seconds) },
         "workers": workers,
         "metrics": {
             "files": stats.files,
@@ -239,7 +239,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
         },
     });
     if let Some(c) = &cpu_percent {
-        doc["cpu"]["percent"] = json!(c.iter().map(|(_, p)| p).sum::<f64>());
+        doc["cpu"]["percent"] = json!(c.iter().fold(0.0, |a, (_, p)| a + p.max(0.0)));
         doc["cpu"]["interval"] = json!(interval);
     }
     doc

@@ -213,6 +213,12 @@ impl Aggregator {
         self.workers.iter().filter(|w| w.ready && !is_master(w)).count() + self.stats.python_processes
     }
 
+    /// Live workers as of the last scan (masters not included), ready or not.
+    pub fn live_workers(&self) -> usize {
+        let is_master = |w: &WorkerInfo| self.workers.iter().any(|o| o.parent_pid == w.pid);
+        self.workers.iter().filter(|w| !is_master(w)).count() + self.stats.python_processes
+    }
+
     /// Pids of the live Python processes as of the last scan.
     pub fn python_pids(&self) -> Vec<i32> {
         let mut pids: Vec<i32> =

@@ -5,6 +5,7 @@ mod util;
 mod dir_rules;
 mod formats;
 mod layout_doc;
+mod monitor;
 mod ops;
 mod python_compat;
 mod python_servers;
