@@ -193,3 +193,42 @@ fn dump_formats_parse_back() {
     }
     assert_eq!(util::ls(&dir), before, "dump changed the directory");
 }
+
+/// `--instance-port P` puts /metrics on P+80 and the monitor port on P+81, both on 127.0.0.1.
+#[test]
+fn instance_port_derives_both_ports() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    // A P whose P+80 and P+81 are free right now.
+    let p = (0..200)
+        .map(|i| 21000 + i * 97)
+        .find(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", p + 80)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 81)).is_ok()
+        })
+        .expect("a free pair of ports");
+    let mut child = util::Proc {
+        child: Command::new(util::shmetrics_bin())
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .args(["--instance-port", &p.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve"),
+    };
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", p + 80).parse().expect("addr");
+    let r = util::wait_for(Duration::from_secs(10), "metrics port", || {
+        std::net::TcpStream::connect(metrics).ok().map(|_| util::http_get(metrics, "/healthz", &[]))
+    });
+    assert_eq!((r.status, r.text()), (503, "Instance is booting\n".to_string()));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p + 81)).expect("monitor port");
+    s.write_all(b"health_check\n").expect("send");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("reply");
+    assert_eq!(reply, "Instance is booting\n");
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(10)).success());
+}
