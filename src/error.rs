@@ -58,6 +58,9 @@ pub enum Error {
     /// A file of a format version this build cannot read.
     #[error("shmetrics file format version {0}; this build reads version 1 — upgrade the aggregator")]
     Version(u32),
+    /// A configuration file is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
     /// An I/O error on a path.
     #[error("{}: {source}", path.display())]
     Io {

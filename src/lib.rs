@@ -68,6 +68,7 @@
 #![deny(unsafe_code)]
 
 pub mod aggregator;
+pub mod alarm;
 pub mod archive;
 pub mod dir;
 pub mod error;

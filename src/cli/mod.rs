@@ -3,6 +3,7 @@
 
 mod ctl;
 mod dump;
+mod listener;
 mod run;
 mod serve;
 
@@ -31,6 +32,9 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Aggregate a directory once and print it (cron, Telegraf's exec input); no server, no lock.
     Dump(dump::DumpArgs),
+    /// A supervisord event listener (crashmail / fatalmailbatch drop-in) feeding the alarm
+    /// actions of --config. Nothing but the listener protocol goes to stdout.
+    SupervisorListener(listener::ListenerArgs),
 }
 
 /// Options shared by `serve` and `run`.
@@ -154,6 +158,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run::main(a),
         Command::Ctl(a) => ctl::main(a),
         Command::Dump(a) => dump::main(a),
+        Command::SupervisorListener(a) => listener::main(a),
     };
     match result {
         Ok(code) => code,

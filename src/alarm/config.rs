@@ -1,0 +1,438 @@
+//! The alarm configuration file (TOML, `--config FILE`, example in `conf/shmetrics.toml`).
+//!
+//! ```toml
+//! check_interval_seconds = 5          # how often memory and thresholds are evaluated
+//!
+//! [actions.ops-mail]                   # named actions, referred to by the rules
+//! type = "command"                     # command | webhook | log
+//! command = ["/usr/sbin/sendmail", "-t"]
+//! headers = true                       # stdin starts with To:/Subject: lines (sendmail -t)
+//! to = "ops@example.com"
+//! batch_seconds = 60                   # crashmailbatch: one message per window
+//! timeout_seconds = 10
+//! retries = 3
+//!
+//! [actions.alertmanager]
+//! type = "webhook"
+//! url = "http://127.0.0.1:9093/api/v2/alerts"
+//! format = "alertmanager"              # json | alertmanager
+//!
+//! [crash]                              # a worker died without a clean exit
+//! actions = ["ops-mail"]
+//!
+//! [fatal]
+//! no_live_workers_seconds = 30         # no live workers for this long
+//! max_crashes = 5                      # more crashes than this …
+//! window_seconds = 60                  # … within this window (a restart storm)
+//! actions = ["ops-mail", "alertmanager"]
+//!
+//! [[memory]]
+//! measure = "rss"                      # rss | uss | pss
+//! limit = "512MB"                      # bytes, or with kb/mb/gb (1024-based, like memmon)
+//! scope = "worker"                     # worker | job (summed)
+//! signal = "SIGTERM"                   # optional: sent to the worker (job scope: the largest)
+//! grace_seconds = 60                   # at most one signal per worker per grace period
+//! actions = ["ops-mail"]
+//!
+//! [[threshold]]
+//! series = 'http_requests_in_flight'   # a sample name, optionally {label="value",…}
+//! op = ">="                            # >= or <=
+//! value = 100
+//! rate_seconds = 60                    # at most one alarm per series per this many seconds
+//! message = "{series} is {value} (limit {threshold})"
+//! actions = ["alertmanager"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlarmConfig {
+    /// Seconds between evaluations of memory and threshold rules.
+    #[serde(default = "default_check")]
+    pub check_interval_seconds: f64,
+    /// Named actions.
+    #[serde(default)]
+    pub actions: BTreeMap<String, ActionConfig>,
+    /// Crash alarms.
+    pub crash: Option<CrashRule>,
+    /// Fatal alarms.
+    pub fatal: Option<FatalRule>,
+    /// Memory alarms.
+    #[serde(default)]
+    pub memory: Vec<MemoryRule>,
+    /// Threshold alarms.
+    #[serde(default)]
+    pub threshold: Vec<ThresholdRule>,
+}
+
+fn default_check() -> f64 {
+    5.0
+}
+
+/// One action.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ActionConfig {
+    /// Run a command with the message on its standard input.
+    Command {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Start stdin with `To:` and `Subject:` lines and a blank line (for `sendmail -t`).
+        #[serde(default)]
+        headers: bool,
+        /// The `To:` address when `headers` is set.
+        #[serde(default)]
+        to: Option<String>,
+        /// Delivery settings.
+        #[serde(flatten)]
+        delivery: Delivery,
+    },
+    /// POST JSON to a URL.
+    Webhook {
+        /// The URL (http://).
+        url: String,
+        /// `json` (our events) or `alertmanager` (Alertmanager's `/api/v2/alerts` body).
+        #[serde(default)]
+        format: WebhookFormat,
+        /// Delivery settings.
+        #[serde(flatten)]
+        delivery: Delivery,
+    },
+    /// Write the alarm to the aggregator's log.
+    Log {
+        /// Delivery settings.
+        #[serde(flatten)]
+        delivery: Delivery,
+    },
+}
+
+impl ActionConfig {
+    /// Its delivery settings.
+    pub fn delivery(&self) -> &Delivery {
+        match self {
+            ActionConfig::Command { delivery, .. }
+            | ActionConfig::Webhook { delivery, .. }
+            | ActionConfig::Log { delivery } => delivery,
+        }
+    }
+}
+
+/// Body formats of a webhook.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// `{"events": [...]}`.
+    #[default]
+    Json,
+    /// Prometheus Alertmanager's v2 API: an array of alerts.
+    Alertmanager,
+}
+
+/// How an action delivers: batching, timeout, retries.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Delivery {
+    /// Collect events for this many seconds and send them as one message (0: send each at once).
+    #[serde(default)]
+    pub batch_seconds: f64,
+    /// Give up one attempt after this many seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: f64,
+    /// Retries after a failed attempt, with back-off (1 s, 2 s, 4 s, …).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_timeout() -> f64 {
+    10.0
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+/// Crash alarms: a worker died without its clean-exit flag (killed, crashed, OOM).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CrashRule {
+    /// Actions to run.
+    pub actions: Vec<String>,
+}
+
+/// Fatal alarms: the job cannot stay up.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FatalRule {
+    /// Alarm when no worker has been alive for this many seconds.
+    pub no_live_workers_seconds: Option<f64>,
+    /// Alarm when more than this many crashes happen within `window_seconds`.
+    pub max_crashes: Option<u32>,
+    /// The window for `max_crashes`.
+    #[serde(default = "default_window")]
+    pub window_seconds: f64,
+    /// Actions to run.
+    pub actions: Vec<String>,
+}
+
+fn default_window() -> f64 {
+    60.0
+}
+
+/// Which memory figure a rule watches.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    /// Resident set size.
+    Rss,
+    /// Unique set size.
+    Uss,
+    /// Proportional set size.
+    Pss,
+}
+
+/// Per worker or summed over the job.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Each worker against the limit.
+    #[default]
+    Worker,
+    /// The sum over the job's processes against the limit.
+    Job,
+}
+
+/// Memory alarms (memmon).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRule {
+    /// Which figure.
+    pub measure: Measure,
+    /// The limit: bytes, or a string with kb/mb/gb (1024-based).
+    pub limit: Size,
+    /// Per worker or job.
+    #[serde(default)]
+    pub scope: Scope,
+    /// A signal to send to the offending worker (job scope: the largest), e.g. `SIGTERM`.
+    pub signal: Option<String>,
+    /// At most one signal (and one alarm) per worker per this many seconds.
+    #[serde(default = "default_grace")]
+    pub grace_seconds: f64,
+    /// Actions to run.
+    pub actions: Vec<String>,
+}
+
+fn default_grace() -> f64 {
+    60.0
+}
+
+/// A size in bytes, written as a number or as `"512MB"`, `"2gb"`, `"100kb"` (1024-based).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "SizeRepr")]
+pub struct Size(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for Size {
+    type Error = String;
+    fn try_from(r: SizeRepr) -> std::result::Result<Size, String> {
+        match r {
+            SizeRepr::Bytes(b) => Ok(Size(b)),
+            SizeRepr::Text(t) => parse_size(&t).map(Size).ok_or_else(|| {
+                format!("{t:?} is not a size: write bytes, or a number with kb, mb or gb (1024-based)")
+            }),
+        }
+    }
+}
+
+/// Parses `512`, `512b`, `100kb`, `512MB`, `2 gb`, `1.5GB` (1024-based, like superlance's memmon).
+pub fn parse_size(t: &str) -> Option<u64> {
+    let t = t.trim().to_ascii_lowercase();
+    let (num, mult) = [
+        ("gb", 1u64 << 30),
+        ("mb", 1 << 20),
+        ("kb", 1 << 10),
+        ("g", 1 << 30),
+        ("m", 1 << 20),
+        ("k", 1 << 10),
+        ("b", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| (v * mult as f64) as u64)
+}
+
+/// Comparison of a threshold rule.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum Op {
+    /// Alarm when the value is at least the threshold.
+    #[serde(rename = ">=")]
+    AtLeast,
+    /// Alarm when the value is at most the threshold.
+    #[serde(rename = "<=")]
+    AtMost,
+}
+
+/// Threshold alarms on any merged series (uWSGI's `metric-alarm`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    /// The sample, as exposed: `name` or `name{label="value",…}` (a subset of its labels).
+    pub series: String,
+    /// `>=` or `<=`.
+    pub op: Op,
+    /// The threshold.
+    pub value: f64,
+    /// At most one alarm per matching series per this many seconds.
+    #[serde(default)]
+    pub rate_seconds: f64,
+    /// Message template: `{series}`, `{value}`, `{threshold}`, `{op}`.
+    #[serde(default = "default_message")]
+    pub message: String,
+    /// Actions to run.
+    pub actions: Vec<String>,
+}
+
+fn default_message() -> String {
+    "{series} is {value} ({op} {threshold})".into()
+}
+
+impl AlarmConfig {
+    /// Parses and checks a configuration (every referenced action exists, signals are known,
+    /// intervals are positive, series selectors parse).
+    pub fn parse(text: &str) -> Result<AlarmConfig> {
+        let c: AlarmConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<AlarmConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        AlarmConfig::parse(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !(self.check_interval_seconds > 0.0) {
+            return bad("check_interval_seconds must be positive".into());
+        }
+        let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
+        if let Some(c) = &self.crash {
+            refs.push(("[crash]", &c.actions));
+        }
+        if let Some(f) = &self.fatal {
+            refs.push(("[fatal]", &f.actions));
+            if f.no_live_workers_seconds.is_none() && f.max_crashes.is_none() {
+                return bad("[fatal] needs no_live_workers_seconds or max_crashes".into());
+            }
+        }
+        for m in &self.memory {
+            refs.push(("[[memory]]", &m.actions));
+            if let Some(s) = &m.signal {
+                if parse_signal(s).is_none() {
+                    return bad(format!("[[memory]] signal {s:?} is not a signal name (e.g. \"SIGTERM\")"));
+                }
+            }
+        }
+        for t in &self.threshold {
+            refs.push(("[[threshold]]", &t.actions));
+            if crate::alarm::rules::Selector::parse(&t.series).is_none() {
+                return bad(format!(
+                    "[[threshold]] series {:?}: write name or name{{label=\"value\"}}",
+                    t.series
+                ));
+            }
+        }
+        for (section, actions) in refs {
+            if actions.is_empty() {
+                return bad(format!("{section} has no actions"));
+            }
+            for a in actions {
+                if !self.actions.contains_key(a) {
+                    return bad(format!(
+                        "{section} refers to action {a:?}, which is not defined under [actions]"
+                    ));
+                }
+            }
+        }
+        for (name, a) in &self.actions {
+            let d = a.delivery();
+            if d.batch_seconds < 0.0 || !(d.timeout_seconds > 0.0) {
+                return bad(format!("[actions.{name}]: batch_seconds must be ≥ 0 and timeout_seconds > 0"));
+            }
+            if let ActionConfig::Command { command, .. } = a {
+                if command.is_empty() {
+                    return bad(format!("[actions.{name}]: command is empty"));
+                }
+            }
+            if let ActionConfig::Webhook { url, .. } = a {
+                if !url.starts_with("http://") {
+                    return bad(format!("[actions.{name}]: only http:// URLs are supported"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a signal name (`SIGTERM`, `TERM`, `sigterm`).
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    let up = s.trim().to_ascii_uppercase();
+    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    name.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MB"), Some(512 << 20));
+        assert_eq!(parse_size("2 gb"), Some(2 << 30));
+        assert_eq!(parse_size("100kb"), Some(102400));
+        assert_eq!(parse_size("1234"), Some(1234));
+        assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.strip_prefix("//! ").or_else(|| l.strip_prefix("//!")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = AlarmConfig::parse(&example).expect("example");
+        assert_eq!(c.memory[0].limit, Size(512 << 20));
+        assert_eq!(c.threshold[0].op, Op::AtLeast);
+        assert_eq!(c.actions.len(), 2);
+    }
+
+    #[test]
+    fn mistakes_are_explained() {
+        let e = AlarmConfig::parse("[crash]\nactions = [\"nope\"]\n").unwrap_err().to_string();
+        assert!(e.contains("\"nope\", which is not defined"), "{e}");
+        let e = AlarmConfig::parse("[crash]\nactoins = []\n").unwrap_err().to_string();
+        assert!(e.contains("actoins"), "{e}");
+    }
+}

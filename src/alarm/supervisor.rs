@@ -1,0 +1,1 @@
+//! supervisord's event-listener protocol: `shmetrics supervisor-listener`. (Being written.)
