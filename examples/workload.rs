@@ -17,7 +17,7 @@
 //! exit 0.
 //!
 //! Options: `--workers W` (4), `--series S` (10), `--histograms H` (1), `--incs K` (1),
-//! `--master-incs M` (0), `--hold`.
+//! `--master-incs M` (0), `--hold`, `--hog-mb N` (worker 0 holds N MiB of resident memory).
 //!
 //! # Expected values
 //!
@@ -85,6 +85,10 @@ struct Args {
     /// Keep the workers alive after writing until SIGTERM/SIGINT.
     #[arg(long)]
     hold: bool,
+    /// Worker 0 allocates and touches this many MiB before it is done writing (a memory hog, for
+    /// memory alarm tests).
+    #[arg(long, default_value_t = 0)]
+    hog_mb: usize,
 }
 
 /// Forks the process.
@@ -241,6 +245,8 @@ fn main() -> Result<()> {
 
 /// Worker `w`'s updates (see the module documentation for the closed forms).
 fn run_worker(w: u64, args: &Args, h: &Handles, mut done: File) -> Result<()> {
+    // Kept alive until the worker exits: resident, since every page is written.
+    let _hog: Vec<u8> = if w == 0 { vec![1u8; args.hog_mb << 20] } else { Vec::new() };
     let k = args.incs;
     let n = w + 1;
     for (i, s) in (1u64..).zip(&h.series) {

@@ -52,6 +52,7 @@ const WARMUP_DONE: u8 = 2;
 /// The operations view shared by the monitor port and the HTTP endpoints.
 pub struct Ops {
     shared: Arc<Shared>,
+    alarms: Option<Arc<crate::alarm::Pipeline>>,
     procs: crate::perf::ProcCache,
     config: HealthConfig,
     started: Instant,
@@ -61,10 +62,15 @@ pub struct Ops {
 impl Ops {
     /// An operations view over an aggregator. Warmup is pending if a URL is configured (and
     /// [`Ops::run_warmup`] must then be spawned).
-    pub fn new(shared: Arc<Shared>, config: HealthConfig) -> Arc<Ops> {
+    pub fn new(
+        shared: Arc<Shared>,
+        config: HealthConfig,
+        alarms: Option<Arc<crate::alarm::Pipeline>>,
+    ) -> Arc<Ops> {
         let warmup = if config.warmup_url.is_some() { WARMUP_PENDING } else { WARMUP_NONE };
         Arc::new(Ops {
             shared,
+            alarms,
             procs: crate::perf::ProcCache::default(),
             config,
             started: Instant::now(),
@@ -75,6 +81,11 @@ impl Ops {
     /// The aggregator.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The alarm pipeline, when a configuration was given.
+    pub fn alarms(&self) -> Option<&Arc<crate::alarm::Pipeline>> {
+        self.alarms.as_ref()
     }
 
     /// Seconds since the aggregator started.

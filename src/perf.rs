@@ -238,6 +238,15 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "scrapes": stats.scrapes,
         },
     });
+    if let Some(p) = ops.alarms() {
+        let st = p.stats();
+        doc["alarms"] = json!({
+            "fired": st.fired.values().sum::<u64>(),
+            "suppressed": st.suppressed.values().sum::<u64>(),
+            "failed": st.failed.values().sum::<u64>(),
+            "recent": p.recent(),
+        });
+    }
     if let Some(c) = &cpu_percent {
         doc["cpu"]["percent"] = json!(c.iter().fold(0.0, |a, (_, p)| a + p.max(0.0)));
         doc["cpu"]["interval"] = json!(interval);
@@ -371,6 +380,79 @@ pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot) {
         }
         if !series.is_empty() {
             snap.families.push(SnapFamily { meta: meta(base, help, t), series });
+        }
+    }
+}
+
+/// Appends the alarm counters to a scrape: `shmetrics_alarms_fired_total{kind,action}`,
+/// `shmetrics_alarms_suppressed_total{kind}`, `shmetrics_alarm_actions_failed_total{action}`.
+pub fn alarm_families(ops: &Ops, snap: &mut Snapshot) {
+    let Some(p) = ops.alarms() else { return };
+    let st = p.stats();
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
+        Arc::new(FamilyMeta {
+            desc: MetricDesc {
+                name: name.into(),
+                help: help.into(),
+                metric_type: MetricType::Counter,
+                value_type: ValueType::U64,
+                gauge_mode: None,
+                label_names: label_names.clone(),
+                buckets: Vec::new(),
+            },
+            label_names,
+        })
+    };
+    let pairs = |v: &[(&str, &str)]| {
+        Arc::new(LabelSet::new(v.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
+    };
+    let kinds = [
+        crate::alarm::EventKind::Crash,
+        crate::alarm::EventKind::Fatal,
+        crate::alarm::EventKind::Memory,
+        crate::alarm::EventKind::Threshold,
+    ];
+    let actions: Vec<String> = p.config().actions.keys().cloned().collect();
+    let mut fired = Vec::new();
+    for k in kinds {
+        for a in &actions {
+            let n = st.fired.get(&(k, a.clone())).copied().unwrap_or(0);
+            fired.push((pairs(&[("kind", k.as_str()), ("action", a)]), Value::U64(n)));
+        }
+    }
+    let suppressed = kinds
+        .iter()
+        .map(|k| (pairs(&[("kind", k.as_str())]), Value::U64(st.suppressed.get(k).copied().unwrap_or(0))))
+        .collect();
+    let failed = actions
+        .iter()
+        .map(|a| (pairs(&[("action", a)]), Value::U64(st.failed.get(a).copied().unwrap_or(0))))
+        .collect();
+    for (meta, series) in [
+        (
+            counter("shmetrics_alarms_fired", "Alarm deliveries, by kind and action.", &["kind", "action"]),
+            fired,
+        ),
+        (
+            counter(
+                "shmetrics_alarms_suppressed",
+                "Alarms not raised because of a rate limit or grace period.",
+                &["kind"],
+            ),
+            suppressed,
+        ),
+        (
+            counter(
+                "shmetrics_alarm_actions_failed",
+                "Alarm deliveries that failed after all retries.",
+                &["action"],
+            ),
+            failed,
+        ),
+    ] {
+        if !series.is_empty() {
+            snap.families.push(SnapFamily { meta, series });
         }
     }
 }

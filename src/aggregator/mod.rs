@@ -63,6 +63,15 @@ pub struct WorkerInfo {
     pub path: PathBuf,
 }
 
+/// A worker whose exit the aggregator noticed (its file was folded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// Pid in the writer's namespace.
+    pub pid: u64,
+    /// Whether it exited through a normal process exit (its clean-exit flag was set).
+    pub clean: bool,
+}
+
 /// Counters and gauges about the aggregator itself.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -134,6 +143,8 @@ pub struct Aggregator {
     epoch_mapped: u64,
     /// Whether any worker was seen since start (health: booting until then).
     ever_seen: bool,
+    /// Exits noticed and not yet taken by the alarm rules.
+    exits: Vec<Exit>,
     stats: Stats,
     workers: Vec<WorkerInfo>,
     self_meta: SelfMeta,
@@ -175,6 +186,7 @@ impl Aggregator {
             dead_since_rebuild: 0,
             epoch_mapped: 0,
             ever_seen: false,
+            exits: Vec::new(),
             stats: Stats::default(),
             workers: Vec::new(),
             self_meta: SelfMeta::new(),
@@ -199,6 +211,11 @@ impl Aggregator {
     /// Live workers as of the last scan.
     pub fn workers(&self) -> &[WorkerInfo] {
         &self.workers
+    }
+
+    /// Worker exits noticed since the last call (for crash alarms).
+    pub fn take_exits(&mut self) -> Vec<Exit> {
+        std::mem::take(&mut self.exits)
     }
 
     /// Whether any worker (a shmetrics file or a live Python process) was seen since start.
@@ -594,8 +611,12 @@ impl Aggregator {
                 }
                 let flags = t.file.header_word(header::FLAGS);
                 self.totals.dead_workers += 1;
-                if flags & layout::flags::CLEAN_EXIT == 0 {
+                let clean = flags & layout::flags::CLEAN_EXIT != 0;
+                if !clean {
                     self.totals.crashed_workers += 1;
+                }
+                if self.exits.len() < 10_000 {
+                    self.exits.push(Exit { pid: t.file.pid, clean });
                 }
                 self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
                 self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);

@@ -271,7 +271,7 @@ pub fn parse_size(t: &str) -> Option<u64> {
     .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
     .unwrap_or((t.clone(), 1));
     let v: f64 = num.parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| (v * mult as f64) as u64)
+    (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
 }
 
 /// Comparison of a threshold rule.
@@ -329,7 +329,7 @@ impl AlarmConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if !(self.check_interval_seconds > 0.0) {
+        if !positive(self.check_interval_seconds) {
             return bad("check_interval_seconds must be positive".into());
         }
         let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
@@ -373,7 +373,7 @@ impl AlarmConfig {
         }
         for (name, a) in &self.actions {
             let d = a.delivery();
-            if d.batch_seconds < 0.0 || !(d.timeout_seconds > 0.0) {
+            if d.batch_seconds < 0.0 || !positive(d.timeout_seconds) {
                 return bad(format!("[actions.{name}]: batch_seconds must be ≥ 0 and timeout_seconds > 0"));
             }
             if let ActionConfig::Command { command, .. } = a {
@@ -389,6 +389,11 @@ impl AlarmConfig {
         }
         Ok(())
     }
+}
+
+/// Whether a number is a positive, finite amount (NaN is not).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }
 
 /// Parses a signal name (`SIGTERM`, `TERM`, `sigterm`).
@@ -426,6 +431,13 @@ mod tests {
         assert_eq!(c.memory[0].limit, Size(512 << 20));
         assert_eq!(c.threshold[0].op, Op::AtLeast);
         assert_eq!(c.actions.len(), 2);
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = AlarmConfig::parse(include_str!("../../conf/shmetrics.toml")).expect("conf/shmetrics.toml");
+        assert_eq!(c.threshold.len(), 2);
+        assert_eq!(c.fatal.as_ref().and_then(|f| f.max_crashes), Some(5));
     }
 
     #[test]

@@ -1,4 +1,29 @@
-//! Turning what the aggregator sees into alarms. (Being written.)
+//! Turning what the aggregator sees into alarms.
+//!
+//! [`run`] checks every second for crashes and fatal conditions, and every
+//! `check_interval_seconds` for memory and thresholds:
+//! - *crash*: a worker's file was folded without its clean-exit flag (killed, segfault, OOM);
+//! - *fatal*: no live worker for `no_live_workers_seconds` (once, re-armed when workers are back),
+//!   or more than `max_crashes` crashes within `window_seconds` (at most once per window);
+//! - *memory*: a worker's (or the job's summed) RSS, USS or PSS above `limit`; the optional signal
+//!   goes to that worker (job scope: the largest worker), at most once per `grace_seconds`;
+//! - *threshold*: a merged sample `>=` or `<=` a value, at most once per series per `rate_seconds`
+//!   (uWSGI's `metric-alarm`). uWSGI's `reset` rewrites the metric after an alarm; here the values
+//!   belong to the workers and the aggregator only reads them, so nothing is reset: the rate limit
+//!   is what keeps a value that stays over the line from alarming on every check.
+//!
+//! Alarms not raised because of a grace period or a rate limit are counted as suppressed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::config::{AlarmConfig, Measure, Op, Scope};
+use super::{Event, EventKind, Pipeline};
+use crate::layout::MetricType;
+use crate::merge::{Snapshot, Value};
+use crate::ops::Ops;
+use crate::perf::ProcStats;
 
 /// A series selector: `name` or `name{label="value",…}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,5 +55,313 @@ impl Selector {
             }
         }
         Some(Selector { name: name.to_string(), labels })
+    }
+}
+
+impl Selector {
+    /// Whether a sample (name and labels) matches.
+    pub fn matches(&self, name: &str, labels: &[(String, String)]) -> bool {
+        self.name == name && self.labels.iter().all(|l| labels.contains(l))
+    }
+}
+
+/// Every sample of a snapshot as exposed in Prometheus text: (sample name, labels, value).
+pub fn samples(snap: &Snapshot) -> Vec<(String, Vec<(String, String)>, f64)> {
+    let mut out = Vec::new();
+    for f in &snap.families {
+        let d = &f.meta.desc;
+        for (labels, v) in &f.series {
+            let base = &labels.pairs;
+            match (d.metric_type, v) {
+                (MetricType::Histogram, Value::Hist { buckets, sum }) => {
+                    let mut cum = 0u64;
+                    for (i, n) in buckets.iter().enumerate() {
+                        cum += n;
+                        let mut le = String::new();
+                        match labels.bounds.get(i) {
+                            Some(b) => crate::expose::push_go_float(&mut le, *b),
+                            None => le.push_str("+Inf"),
+                        }
+                        let mut l = base.clone();
+                        l.push(("le".into(), le));
+                        out.push((format!("{}_bucket", d.name), l, cum as f64));
+                    }
+                    out.push((format!("{}_count", d.name), base.clone(), cum as f64));
+                    out.push((format!("{}_sum", d.name), base.clone(), *sum));
+                }
+                (_, Value::Summary { count, sum }) => {
+                    out.push((format!("{}_count", d.name), base.clone(), *count));
+                    out.push((format!("{}_sum", d.name), base.clone(), *sum));
+                }
+                (MetricType::Counter, v) => out.push((format!("{}_total", d.name), base.clone(), number(v))),
+                (_, v) => out.push((d.name.clone(), base.clone(), number(v))),
+            }
+        }
+    }
+    out
+}
+
+fn number(v: &Value) -> f64 {
+    match v {
+        Value::U64(n) => *n as f64,
+        Value::F64(x) | Value::Recent { v: x, .. } => *x,
+        _ => f64::NAN,
+    }
+}
+
+fn render(name: &str, labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", inner.join(","))
+}
+
+/// State kept across checks (and across configuration reloads).
+#[derive(Default)]
+pub struct Detector {
+    crashes: VecDeque<Instant>,
+    no_workers_since: Option<Instant>,
+    no_workers_fired: bool,
+    storm_fired: Option<Instant>,
+    memory_last: HashMap<(usize, i32), Instant>,
+    threshold_last: HashMap<(usize, String), Instant>,
+    last_slow_check: Option<Instant>,
+}
+
+fn measure(p: &ProcStats, m: Measure) -> i64 {
+    match m {
+        Measure::Rss => p.rss,
+        Measure::Uss => p.uss,
+        Measure::Pss => p.pss,
+    }
+}
+
+fn measure_name(m: Measure) -> &'static str {
+    match m {
+        Measure::Rss => "rss",
+        Measure::Uss => "uss",
+        Measure::Pss => "pss",
+    }
+}
+
+impl Detector {
+    /// Crashes and fatal conditions, from the aggregator's view (a fresh directory scan).
+    pub async fn check_workers(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
+        let shared = Arc::clone(ops.shared());
+        let seen = tokio::task::spawn_blocking(move || {
+            shared.with(|a| {
+                a.compact();
+                (a.take_exits(), a.live_workers(), a.workers_ever_seen())
+            })
+        })
+        .await;
+        let Ok((exits, live, ever_seen)) = seen else { return };
+        let now = Instant::now();
+        for e in exits.iter().filter(|e| !e.clean) {
+            self.crashes.push_back(now);
+            if let Some(rule) = &cfg.crash {
+                let msg = format!(
+                    "worker pid {} exited without a clean exit (killed, crashed or out of memory)",
+                    e.pid
+                );
+                pipeline.submit(
+                    Event::now(EventKind::Crash, format!("pid {}", e.pid), msg, &rule.actions)
+                        .label("pid", e.pid.to_string()),
+                );
+            }
+        }
+        let Some(rule) = &cfg.fatal else { return };
+        if let Some(secs) = rule.no_live_workers_seconds {
+            if live == 0 && ever_seen {
+                let since = *self.no_workers_since.get_or_insert(now);
+                if now.duration_since(since).as_secs_f64() >= secs && !self.no_workers_fired {
+                    self.no_workers_fired = true;
+                    let msg = format!("no live workers for {secs} s");
+                    pipeline.submit(
+                        Event::now(EventKind::Fatal, "job", msg, &rule.actions)
+                            .label("reason", "no_live_workers"),
+                    );
+                }
+            } else {
+                self.no_workers_since = None;
+                self.no_workers_fired = false;
+            }
+        }
+        if let Some(max) = rule.max_crashes {
+            let window = Duration::from_secs_f64(rule.window_seconds.max(0.0));
+            while self.crashes.front().is_some_and(|t| now.duration_since(*t) > window) {
+                self.crashes.pop_front();
+            }
+            if self.crashes.len() > max as usize {
+                if self.storm_fired.is_some_and(|t| now.duration_since(t) < window) {
+                    if !exits.iter().all(|e| e.clean) {
+                        pipeline.suppressed(EventKind::Fatal);
+                    }
+                } else {
+                    self.storm_fired = Some(now);
+                    let msg = format!(
+                        "restart storm: {} crashes within {} s (more than {max})",
+                        self.crashes.len(),
+                        rule.window_seconds
+                    );
+                    pipeline.submit(
+                        Event::now(EventKind::Fatal, "job", msg, &rule.actions)
+                            .label("reason", "restart_storm"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Memory rules, from the job's process figures.
+    pub async fn check_memory(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
+        if cfg.memory.is_empty() {
+            return;
+        }
+        let procs = ops.procs().await;
+        let now = Instant::now();
+        for (i, rule) in cfg.memory.iter().enumerate() {
+            let grace = Duration::from_secs_f64(rule.grace_seconds.max(0.0));
+            let workers: Vec<&ProcStats> = procs.iter().filter(|p| p.kind != "master").collect();
+            let over: Vec<(&ProcStats, i64)> = match rule.scope {
+                Scope::Worker => workers
+                    .iter()
+                    .map(|p| (*p, measure(p, rule.measure)))
+                    .filter(|(_, v)| *v >= 0 && *v as u64 > rule.limit.0)
+                    .collect(),
+                Scope::Job => {
+                    let total: i64 = procs.iter().map(|p| measure(p, rule.measure).max(0)).sum();
+                    let largest = workers.iter().max_by_key(|p| measure(p, rule.measure)).copied();
+                    match largest {
+                        Some(l) if total as u64 > rule.limit.0 => vec![(l, total)],
+                        _ => Vec::new(),
+                    }
+                }
+            };
+            for (p, value) in over {
+                let key = (i, if rule.scope == Scope::Job { 0 } else { p.pid });
+                if self.memory_last.get(&key).is_some_and(|t| now.duration_since(*t) < grace) {
+                    pipeline.suppressed(EventKind::Memory);
+                    continue;
+                }
+                self.memory_last.insert(key, now);
+                let what = measure_name(rule.measure);
+                let (subject, mut msg) = match rule.scope {
+                    Scope::Worker => (
+                        format!("pid {}", p.pid),
+                        format!(
+                            "worker pid {} {what} is {value} bytes, over the limit of {} bytes",
+                            p.pid, rule.limit.0
+                        ),
+                    ),
+                    Scope::Job => (
+                        "job".to_string(),
+                        format!(
+                            "the job's {what} is {value} bytes, over the limit of {} bytes",
+                            rule.limit.0
+                        ),
+                    ),
+                };
+                if let Some(sig) = rule.signal.as_deref().and_then(super::config::parse_signal) {
+                    let sent = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig);
+                    msg.push_str(&match sent {
+                        Ok(()) => format!("; sent {sig} to pid {}", p.pid),
+                        Err(e) => format!("; could not send {sig} to pid {}: {e}", p.pid),
+                    });
+                }
+                let ev = Event::now(EventKind::Memory, subject, msg, &rule.actions)
+                    .label("pid", p.pid.to_string())
+                    .label("measure", what)
+                    .label("value", value.to_string());
+                pipeline.submit(ev);
+            }
+        }
+    }
+
+    /// Threshold rules, from a merged scrape.
+    pub async fn check_thresholds(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
+        if cfg.threshold.is_empty() {
+            return;
+        }
+        let Some(snap) = ops.shared().scrape().await else { return };
+        let all = samples(&snap);
+        let now = Instant::now();
+        for (i, rule) in cfg.threshold.iter().enumerate() {
+            let Some(sel) = Selector::parse(&rule.series) else { continue };
+            for (name, labels, v) in all.iter().filter(|(n, l, _)| sel.matches(n, l)) {
+                let crossed = match rule.op {
+                    Op::AtLeast => *v >= rule.value,
+                    Op::AtMost => *v <= rule.value,
+                };
+                if !crossed {
+                    continue;
+                }
+                let series = render(name, labels);
+                let key = (i, series.clone());
+                let rate = Duration::from_secs_f64(rule.rate_seconds.max(0.0));
+                if self.threshold_last.get(&key).is_some_and(|t| now.duration_since(*t) < rate) {
+                    pipeline.suppressed(EventKind::Threshold);
+                    continue;
+                }
+                self.threshold_last.insert(key, now);
+                let op = match rule.op {
+                    Op::AtLeast => ">=",
+                    Op::AtMost => "<=",
+                };
+                let msg = rule
+                    .message
+                    .replace("{series}", &series)
+                    .replace("{value}", &v.to_string())
+                    .replace("{threshold}", &rule.value.to_string())
+                    .replace("{op}", op);
+                let ev = Event::now(EventKind::Threshold, series.clone(), msg, &rule.actions)
+                    .label("series", series)
+                    .label("value", v.to_string());
+                pipeline.submit(ev);
+            }
+        }
+    }
+
+    /// One round: crashes and fatal every time; memory and thresholds when their interval is due.
+    pub async fn check(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline) {
+        let cfg = pipeline.config();
+        self.check_workers(ops, pipeline, &cfg).await;
+        let due =
+            self.last_slow_check.is_none_or(|t| t.elapsed().as_secs_f64() >= cfg.check_interval_seconds);
+        if due {
+            self.last_slow_check = Some(Instant::now());
+            self.check_memory(ops, pipeline, &cfg).await;
+            self.check_thresholds(ops, pipeline, &cfg).await;
+        }
+    }
+}
+
+/// Checks the rules until the task is aborted.
+pub async fn run(ops: Arc<Ops>, pipeline: Arc<Pipeline>) {
+    let mut d = Detector::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        d.check(&ops, &pipeline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let s = Selector::parse(r#"http_requests_total{code="500", method="GET"}"#).expect("selector");
+        assert_eq!(s.name, "http_requests_total");
+        let l =
+            |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        assert!(s.matches("http_requests_total", &l(&[("code", "500"), ("method", "GET"), ("path", "/")])));
+        assert!(!s.matches("http_requests_total", &l(&[("code", "200"), ("method", "GET")])));
+        assert!(Selector::parse("bad name").is_none());
+        assert!(Selector::parse("x{a=b}").is_none());
+        assert_eq!(Selector::parse("up").map(|s| s.labels.len()), Some(0));
     }
 }

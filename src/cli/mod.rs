@@ -55,6 +55,9 @@ struct AggregatorArgs {
     /// Ready workers needed for the health check to say OK.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
+    /// Alarm configuration (TOML; see conf/shmetrics.toml). Reloaded on SIGHUP.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// URL to GET once at start (retried until it answers 2xx); health says "Warmup in progress"
     /// until then. Disabled by SHMETRICS_AUTOWARMUP=0.
     #[arg(long)]
@@ -178,6 +181,8 @@ struct Servers {
     /// Where /metrics is served (the bound address, also when the port was 0).
     http_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
+    alarms: Option<std::sync::Arc<shmetrics::alarm::Pipeline>>,
+    config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -193,8 +198,15 @@ impl Servers {
         let mon = tokio::net::TcpListener::bind(mon_addr).await.with_context(|| {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
+        let alarms = match &args.config {
+            Some(path) => {
+                let config = shmetrics::alarm::AlarmConfig::load(path)?;
+                Some(shmetrics::alarm::Pipeline::start(config))
+            }
+            None => None,
+        };
         let shared = shmetrics::serve::Shared::new(agg);
-        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health());
+        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health(), alarms.clone());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -205,15 +217,35 @@ impl Servers {
             tokio::spawn(shmetrics::serve::http(http, ops.clone(), until(rx.clone()))),
             tokio::spawn(shmetrics::monitor::serve(mon, ops.clone(), until(rx))),
         ];
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(shmetrics::serve::upkeep(shared, args.upkeep())),
-            tokio::spawn(ops.run_warmup()),
+            tokio::spawn(ops.clone().run_warmup()),
         ];
-        Ok(Servers { http_addr, stop, tasks, background })
+        if let Some(p) = &alarms {
+            background.push(tokio::spawn(shmetrics::alarm::rules::run(ops.clone(), p.clone())));
+        }
+        Ok(Servers { http_addr, stop, tasks, background, alarms, config: args.config.clone() })
+    }
+
+    /// Reloads the alarm configuration (SIGHUP). A bad file is refused with an error in the log,
+    /// and the configuration in force is kept; rule state and pending alarms are kept either way.
+    fn reload(&self) {
+        let (Some(p), Some(path)) = (&self.alarms, &self.config) else { return };
+        match shmetrics::alarm::AlarmConfig::load(path) {
+            Ok(c) => {
+                p.reload(c);
+                tracing::info!(config = %path.display(), "alarm configuration reloaded");
+            }
+            Err(e) => tracing::error!("{e}; keeping the configuration in force"),
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish, stops background work.
     async fn shutdown(self) {
+        if let Some(p) = &self.alarms {
+            // Deliver what is batched, but do not hang shutdown on a stuck action.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), p.flush()).await;
+        }
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;

@@ -97,6 +97,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 st = child.wait() => break st.context("waiting for the child")?,
                 Some(sig) = rx.recv() => {
+                    if sig == Signal::SIGHUP {
+                        // Ours too: reload the alarm configuration (the child reloads its own).
+                        servers.reload();
+                    }
                     tracing::debug!("forwarding {sig} to {pid}");
                     let _ = kill(Pid::from_raw(pid as i32), sig);
                 }

@@ -15,9 +15,13 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut int = signal(SignalKind::interrupt())?;
         let servers = Servers::start(agg, &args.agg).await?;
         tracing::info!("serving http://{}/metrics for {}", servers.http_addr, args.dir.display());
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => servers.reload(),
+            }
         }
         tracing::info!("shutting down");
         servers.shutdown().await;

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod alarms;
 mod dir_rules;
 mod formats;
 mod layout_doc;
