@@ -337,10 +337,8 @@ impl AlarmConfig {
             refs.push(("[crash]", &c.actions));
         }
         if let Some(f) = &self.fatal {
+            // Actions alone are fine: they route supervisord's FATAL events (supervisor-listener).
             refs.push(("[fatal]", &f.actions));
-            if f.no_live_workers_seconds.is_none() && f.max_crashes.is_none() {
-                return bad("[fatal] needs no_live_workers_seconds or max_crashes".into());
-            }
         }
         for m in &self.memory {
             refs.push(("[[memory]]", &m.actions));

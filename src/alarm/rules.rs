@@ -65,8 +65,11 @@ impl Selector {
     }
 }
 
-/// Every sample of a snapshot as exposed in Prometheus text: (sample name, labels, value).
-pub fn samples(snap: &Snapshot) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// A sample as exposed: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Every sample of a snapshot as exposed in Prometheus text.
+pub fn samples(snap: &Snapshot) -> Vec<Sample> {
     let mut out = Vec::new();
     for f in &snap.families {
         let d = &f.meta.desc;

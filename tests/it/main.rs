@@ -12,4 +12,5 @@ mod python_compat;
 mod python_servers;
 mod robustness;
 mod run_cmd;
+mod supervisor;
 mod workers;
