@@ -374,9 +374,12 @@ impl AlarmConfig {
             if d.batch_seconds < 0.0 || !positive(d.timeout_seconds) {
                 return bad(format!("[actions.{name}]: batch_seconds must be ≥ 0 and timeout_seconds > 0"));
             }
-            if let ActionConfig::Command { command, .. } = a {
+            if let ActionConfig::Command { command, headers, to, .. } = a {
                 if command.is_empty() {
                     return bad(format!("[actions.{name}]: command is empty"));
+                }
+                if *headers && to.as_deref().is_none_or(str::is_empty) {
+                    return bad(format!("[actions.{name}]: headers = true needs a `to` address"));
                 }
             }
             if let ActionConfig::Webhook { url, .. } = a {

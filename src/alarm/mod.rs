@@ -108,7 +108,8 @@ pub struct AlarmStats {
 pub enum Msg {
     /// Deliver an event.
     Event(Event),
-    /// Deliver every pending batch now, then answer.
+    /// Deliver every pending batch now; answer once everything submitted before is delivered or
+    /// given up (retries included).
     Flush(oneshot::Sender<()>),
 }
 

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod alarm_actions;
 mod alarms;
 mod dir_rules;
 mod formats;
