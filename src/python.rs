@@ -15,17 +15,14 @@
 //! reads values.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::layout::region::{self, Region};
 use crate::layout::GaugeMode;
-use crate::reader::BadReason;
+use crate::reader::{BadReason, MappedFile};
 
 /// What a Python file holds, from its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -183,9 +180,7 @@ fn walk(buf: &[u8], base: u64, size: EntrySize, keys: &mut KeyCache) -> Option<V
 /// An open Python file.
 pub struct PyFile {
     path: PathBuf,
-    file: File,
-    region: Option<Region>,
-    mapped: u64,
+    mf: MappedFile,
     parsed_to: u64,
     size: Option<EntrySize>,
     /// Kind and id from the name.
@@ -230,9 +225,7 @@ impl PyFile {
             path: path.to_path_buf(),
             created: meta.created().ok(),
             dev_ino: (meta.dev(), meta.ino()),
-            file,
-            region: None,
-            mapped: 0,
+            mf: MappedFile::new(file),
             parsed_to: 8,
             size: None,
             name,
@@ -256,44 +249,22 @@ impl PyFile {
         self.size
     }
 
-    fn map(&mut self) -> Result<(), Bad> {
-        let size = self.file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
-        if size != self.mapped || self.region.is_none() {
-            self.region = None;
-            let r = Region::map_file(self.file.as_fd(), size as usize, false)
-                .map_err(|e| (BadReason::Corrupt, format!("mmap: {e}")))?;
-            self.region = Some(r);
-            self.mapped = size;
-        }
-        Ok(())
-    }
-
-    fn with_region<R>(&mut self, f: impl FnOnce(&Region) -> R) -> Result<R, Bad> {
-        let region = self.region.as_ref().ok_or((BadReason::Truncated, String::from("not mapped")))?;
-        let (r, faulted) = region::guarded(region, || f(region));
-        if faulted {
-            self.region = None;
-            return Err((BadReason::Truncated, "truncated while being read".into()));
-        }
-        Ok(r)
-    }
-
     /// Parses entries appended since the last call; returns the index of the first new entry.
     pub fn refresh(&mut self, keys: &mut KeyCache) -> Result<usize, Bad> {
         let first_new = self.entries.len();
-        if self.parsed_to == 8 && self.mapped < 8 {
+        if self.parsed_to == 8 && self.mf.mapped() < 8 {
             // Nothing parsed yet and the file was too short to hold a header: look again.
-            self.region = None;
-            let size = self.file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
+            self.mf.unmap();
+            let size = self.mf.file().metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
             if size < 8 {
                 return Ok(first_new);
             }
         }
-        if self.region.is_none() {
-            self.map()?;
+        if !self.mf.is_mapped() {
+            self.mf.remap()?;
         }
         // `used` is a 4-byte int at offset 0; read it through the 8-byte atomic at 0.
-        let word = self.with_region(|r| r.atomic(0).map(|a| a.load(Ordering::Acquire)))?;
+        let word = self.mf.read(|r| r.atomic(0).map(|a| a.load(Ordering::Acquire)))?;
         let used = word.ok_or((BadReason::Truncated, String::from("no header")))? as u32 as i32;
         let used = u64::try_from(used).map_err(|_| (BadReason::Corrupt, String::from("negative `used`")))?;
         if used == 0 || used == self.parsed_to {
@@ -302,15 +273,15 @@ impl PyFile {
         if used < self.parsed_to {
             return Err((BadReason::Corrupt, "`used` went backwards".into()));
         }
-        if used > self.mapped {
-            self.map()?;
-            if used > self.mapped {
+        if used > self.mf.mapped() {
+            self.mf.remap()?;
+            if used > self.mf.mapped() {
                 return Err((BadReason::Truncated, "`used` is past the end of the file".into()));
             }
         }
         let (from, len) = (self.parsed_to, (used - self.parsed_to) as usize);
         let mut buf = std::mem::take(&mut self.buf);
-        let copied = self.with_region(|r| r.copy_out(from, len, &mut buf).is_ok());
+        let copied = self.mf.read(|r| r.copy_out(from, len, &mut buf).is_ok());
         let parsed = match copied {
             Ok(true) => self.parse(&buf, from, keys),
             Ok(false) => Err((BadReason::Truncated, "entries past the mapping".into())),
@@ -360,8 +331,7 @@ impl PyFile {
     pub fn for_each_value(&mut self, mut f: impl FnMut(usize, f64, f64)) -> Result<(), Bad> {
         let with_ts = self.size == Some(EntrySize::ValueAndTimestamp);
         let entries = &self.entries;
-        let region = self.region.as_ref().ok_or((BadReason::Truncated, String::from("not mapped")))?;
-        let (ok, faulted) = region::guarded(region, || {
+        let ok = self.mf.read(|region| {
             for (i, e) in entries.iter().enumerate() {
                 let Some(v) = region.atomic(e.value_at) else { return false };
                 let v = f64::from_bits(v.load(Ordering::Relaxed));
@@ -376,11 +346,7 @@ impl PyFile {
                 f(i, v, ts);
             }
             true
-        });
-        if faulted {
-            self.region = None;
-            return Err((BadReason::Truncated, "truncated while being read".into()));
-        }
+        })?;
         if ok {
             Ok(())
         } else {

@@ -61,13 +61,79 @@ impl BadReason {
     }
 }
 
+/// An open file mapped read-only at its current size, read under the SIGBUS guard — what both our
+/// files and Python's are read through.
+pub struct MappedFile {
+    file: File,
+    region: Option<Region>,
+    mapped: u64,
+}
+
+impl MappedFile {
+    /// Wraps an open file; nothing is mapped yet.
+    pub fn new(file: File) -> MappedFile {
+        MappedFile { file, region: None, mapped: 0 }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes mapped (the file's size when it was last mapped).
+    pub fn mapped(&self) -> u64 {
+        self.mapped
+    }
+
+    /// Whether a mapping is in place.
+    pub fn is_mapped(&self) -> bool {
+        self.region.is_some()
+    }
+
+    /// Drops the mapping (the next [`MappedFile::remap`] maps afresh).
+    pub fn unmap(&mut self) {
+        self.region = None;
+    }
+
+    /// Maps the file at its current size when that changed (or nothing is mapped); returns the size.
+    pub fn remap(&mut self) -> std::result::Result<u64, (BadReason, String)> {
+        let size = self.file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
+        if size != self.mapped || self.region.is_none() {
+            self.region = None;
+            let r = Region::map_file(self.file.as_fd(), size as usize, false)
+                .map_err(|e| (BadReason::Corrupt, format!("mmap: {e}")))?;
+            self.region = Some(r);
+            self.mapped = size;
+        }
+        Ok(size)
+    }
+
+    /// Runs `f` on the mapping under the SIGBUS guard. A file truncated during `f` is an error, and
+    /// the mapping is dropped.
+    pub fn read<R>(&mut self, f: impl FnOnce(&Region) -> R) -> std::result::Result<R, (BadReason, String)> {
+        let region = self.region.as_ref().ok_or_else(|| truncated("not mapped"))?;
+        let (r, faulted) = region::guarded(region, || f(region));
+        if faulted {
+            self.region = None;
+            return Err(truncated("truncated while being read"));
+        }
+        Ok(r)
+    }
+
+    /// Whether no process holds the file's `flock` any more (an error counts as held).
+    pub fn lock_is_free(&self) -> bool {
+        match self.file.try_lock() {
+            Ok(()) => self.file.unlock().is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
 /// An open worker file.
 pub struct WorkerFile {
     path: PathBuf,
-    /// Our own open file description (`None` never happens after `open`).
-    file: Option<File>,
-    region: Option<Region>,
-    mapped: u64,
+    /// Our own open file description, mapped.
+    mf: MappedFile,
     parsed_to: u64,
     /// Writer pid (from the header).
     pub pid: u64,
@@ -102,9 +168,7 @@ impl WorkerFile {
         }
         let mut wf = WorkerFile {
             path: path.to_path_buf(),
-            file: Some(file),
-            region: None,
-            mapped: 0,
+            mf: MappedFile::new(file),
             parsed_to: HEADER_SIZE,
             pid: 0,
             parent_pid: 0,
@@ -150,34 +214,18 @@ impl WorkerFile {
 
     /// (Re)maps the file at its current size.
     fn map(&mut self) -> std::result::Result<(), (BadReason, String)> {
-        let file = self.file.as_ref().ok_or_else(|| truncated("file closed"))?;
-        let size = file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?.len();
-        if size < HEADER_SIZE {
+        if self.mf.remap()? < HEADER_SIZE {
             return Err(truncated("shorter than its header"));
-        }
-        if size != self.mapped || self.region.is_none() {
-            self.region = None;
-            let r = Region::map_file(file.as_fd(), size as usize, false)
-                .map_err(|e| (BadReason::Corrupt, format!("mmap: {e}")))?;
-            self.region = Some(r);
-            self.mapped = size;
         }
         Ok(())
     }
 
-    /// Runs `f` on the mapping under the SIGBUS guard; a truncation during `f` is an error and
-    /// drops the mapping.
+    /// Runs `f` on the mapping under the SIGBUS guard.
     fn with_region<R>(
         &mut self,
         f: impl FnOnce(&Region) -> R,
     ) -> std::result::Result<R, (BadReason, String)> {
-        let region = self.region.as_ref().ok_or_else(|| truncated("not mapped"))?;
-        let (r, faulted) = region::guarded(region, || f(region));
-        if faulted {
-            self.region = None;
-            return Err(truncated("truncated while being read"));
-        }
-        Ok(r)
+        self.mf.read(f)
     }
 
     /// Parses records appended since the last call. Returns the index of the first new series.
@@ -194,9 +242,9 @@ impl WorkerFile {
         if used < self.parsed_to {
             return Err((BadReason::Corrupt, "`used` went backwards".into()));
         }
-        if used > self.mapped {
+        if used > self.mf.mapped() {
             self.map()?;
-            if used > self.mapped {
+            if used > self.mf.mapped() {
                 return Err(truncated("`used` is past the end of the file"));
             }
         }
@@ -257,8 +305,7 @@ impl WorkerFile {
         mut f: impl FnMut(usize, &[AtomicU64]),
     ) -> std::result::Result<(), (BadReason, String)> {
         let series = &self.series;
-        let region = self.region.as_ref().ok_or_else(|| truncated("not mapped"))?;
-        let (ok, faulted) = region::guarded(region, || {
+        let ok = self.mf.read(|region| {
             for (i, s) in series.iter().enumerate() {
                 match region.atomics(s.slots_at, s.slots as usize) {
                     Some(slots) => f(i, slots),
@@ -266,11 +313,7 @@ impl WorkerFile {
                 }
             }
             true
-        });
-        if faulted {
-            self.region = None;
-            return Err(truncated("truncated while being read"));
-        }
+        })?;
         if !ok {
             return Err(truncated("value slots past the mapping"));
         }
@@ -284,17 +327,14 @@ impl WorkerFile {
 
     /// [`WorkerFile::is_dead`] for a caller that cannot act on errors: an error counts as alive.
     pub fn is_dead_now(&self) -> bool {
-        self.file.as_ref().is_some_and(|f| match f.try_lock() {
-            Ok(()) => f.unlock().is_ok(),
-            Err(_) => false,
-        })
+        self.mf.lock_is_free()
     }
 
     /// Whether the writer is gone: no process holds the file's lock any more.
     ///
     /// Tries `flock(LOCK_EX|LOCK_NB)` on our own open file description and releases it at once.
     pub fn is_dead(&mut self) -> Result<bool> {
-        let Some(file) = &self.file else { return Ok(true) };
+        let file = self.mf.file();
         match file.try_lock() {
             Ok(()) => {
                 file.unlock().map_err(|e| Error::io(&self.path, e))?;

@@ -11,25 +11,6 @@ use std::process::{Command, Stdio};
 
 use crate::util;
 
-fn python() -> String {
-    std::env::var("SHMETRICS_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn require_python() -> String {
-    let py = python();
-    let ok = Command::new(&py)
-        .args(["-c", "import prometheus_client"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{py} cannot import prometheus_client: run `bash .ci/run`, or create a venv with \
-         `pip install prometheus_client==0.26.0` and set SHMETRICS_TEST_PYTHON to its python"
-    );
-    py
-}
-
 fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> (bool, String) {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -82,7 +63,7 @@ for fam in text_string_to_metric_families(text):
 
 #[test]
 fn python_openmetrics_parser_accepts_the_openmetrics_text() {
-    let py = require_python();
+    let py = util::require_python();
     let (_tmp, served, wl) = populated();
     let r =
         util::http_get(served.addr, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]);

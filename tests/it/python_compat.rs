@@ -47,25 +47,6 @@ const N: usize = 4;
 /// Python files per process in compat_workers.py: counter, histogram, summary, 10 gauge modes.
 const FILES_PER_PROCESS: usize = 13;
 
-fn python() -> String {
-    std::env::var("SHMETRICS_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn require_python() -> String {
-    let py = python();
-    let ok = Command::new(&py)
-        .args(["-c", "import prometheus_client"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{py} cannot import prometheus_client: run `bash .ci/run`, or create a venv with \
-         `pip install prometheus_client==0.26.0` and set SHMETRICS_TEST_PYTHON to its python"
-    );
-    py
-}
-
 /// Runs a helper script to completion; panics with its output if it fails.
 fn run_py(py: &str, script: &str, args: &[&Path]) {
     let out = Command::new(py).arg(script).args(args).output().expect("run python");
@@ -384,7 +365,7 @@ fn files_of(dir: &Path, pid: i32) -> Vec<String> {
 
 #[test]
 fn python_semantics_match_multiprocesscollector() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     let served = util::serve(&dir, &[]);
@@ -445,7 +426,7 @@ fn python_semantics_match_multiprocesscollector() {
 /// sets); so must we.
 #[test]
 fn rolling_deploy_definitions_merge_like_multiprocesscollector() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     let served = util::serve(&dir, &[]);
@@ -461,7 +442,7 @@ fn rolling_deploy_definitions_merge_like_multiprocesscollector() {
 /// scrapes every 20 ms: the remapped files are followed and the result equals Python's.
 #[test]
 fn growing_files_are_followed_while_scraped() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     let served = util::serve(&dir, &[]);
@@ -637,7 +618,7 @@ fn check_old_files(ours: &Expo, served: &util::Served, what: &str) -> (Vec<&'sta
 
 #[test]
 fn old_format_files_are_read_or_rejected() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     // The same files in two directories: one read as is, one compacted.
@@ -734,7 +715,7 @@ fn old_format_files_are_read_or_rejected() {
 
 #[test]
 fn foreign_db_files_are_skipped() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     let dir_c = t.join("mp-compact");
@@ -781,7 +762,7 @@ fn foreign_db_files_are_skipped() {
 
 #[test]
 fn live_gauges_of_dead_pids_disappear() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     let served = util::serve(&dir, &[]);
@@ -856,13 +837,13 @@ fn exited_and_compacted(py: &str, restart: bool) {
 
 #[test]
 fn compaction_folds_dead_pids() {
-    let py = require_python();
+    let py = util::require_python();
     exited_and_compacted(&py, false);
 }
 
 #[test]
 fn compaction_survives_an_aggregator_restart() {
-    let py = require_python();
+    let py = util::require_python();
     exited_and_compacted(&py, true);
 }
 
@@ -871,7 +852,7 @@ fn compaction_survives_an_aggregator_restart() {
 
 #[test]
 fn compaction_never_loses_increments_under_pid_reuse() {
-    let py = require_python();
+    let py = util::require_python();
     let (tmp, dir) = setup();
     let t = tmp.path();
     const ROUNDS: usize = 24;

@@ -39,13 +39,9 @@ const GUNICORN_PIN: &str = "gunicorn==23.0.0";
 // ---------------------------------------------------------------------------------------------
 // Tools: the Python venv, gunicorn, uWSGI.
 
-fn python() -> String {
-    std::env::var("SHMETRICS_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// Runs `python -c code`, returning its trimmed stdout, or panics with `hint`.
 fn python_says(code: &str, hint: &str) -> String {
-    let py = python();
+    let py = util::python();
     let out = Command::new(&py)
         .args(["-c", code])
         .output()
@@ -232,34 +228,6 @@ struct Expo {
     types: BTreeMap<String, String>,
 }
 
-fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    while !s.is_empty() {
-        let (k, rest) = s.split_once("=\"").unwrap_or_else(|| panic!("label in {s:?}"));
-        let mut v = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next() {
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, 'n')) => v.push('\n'),
-                    Some((_, c)) => v.push(c),
-                    None => panic!("escape at end of {s:?}"),
-                },
-                Some((i, '"')) => break i,
-                Some((_, c)) => v.push(c),
-                None => panic!("unterminated label value in {s:?}"),
-            }
-        };
-        if k == "le" {
-            let f: f64 = if v == "+Inf" { f64::INFINITY } else { v.parse().expect("le") };
-            v = if f.is_infinite() { "+Inf".to_string() } else { format!("{f}") };
-        }
-        labels.insert(k.trim_start_matches(',').to_string(), v);
-        s = rest[end + 1..].strip_prefix(',').unwrap_or(&rest[end + 1..]);
-    }
-    labels
-}
-
 fn parse(text: &str) -> Expo {
     let mut e = Expo::default();
     for line in text.lines() {
@@ -287,7 +255,7 @@ fn parse(text: &str) -> Expo {
             None => (head.to_string(), BTreeMap::new()),
             Some((name, rest)) => {
                 let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("labels of {line:?}"));
-                (name.to_string(), parse_labels(body))
+                (name.to_string(), labels_le_normalized(body))
             }
         };
         e.samples.insert((name, labels), value);
@@ -353,7 +321,7 @@ fn python_collector(dir: &Path) -> Expo {
                 r = CollectorRegistry()\n\
                 multiprocess.MultiProcessCollector(r, path=sys.argv[1])\n\
                 sys.stdout.write(generate_latest(r).decode())\n";
-    let out = Command::new(python()).args(["-c", code, s(copy.path())]).output().expect("run python");
+    let out = Command::new(util::python()).args(["-c", code, s(copy.path())]).output().expect("run python");
     assert!(out.status.success(), "MultiProcessCollector: {}", String::from_utf8_lossy(&out.stderr));
     parse(&String::from_utf8(out.stdout).expect("utf-8"))
 }
@@ -855,4 +823,14 @@ fn gunicorn_max_requests_churn_without_compaction_grows_the_directory() {
     let min = 2 * total / max_requests;
     assert!(files.len() > BOUND && files.len() >= min, "{} files, expected >= {min}", files.len());
     stop(run);
+}
+
+/// [`util::parse_labels`], with `le` written as a float the same way on both sides.
+fn labels_le_normalized(s: &str) -> BTreeMap<String, String> {
+    let mut labels = util::parse_labels(s);
+    if let Some(v) = labels.get_mut("le") {
+        let f: f64 = if v == "+Inf" { f64::INFINITY } else { v.parse().expect("le") };
+        *v = if f.is_infinite() { "+Inf".to_string() } else { format!("{f}") };
+    }
+    labels
 }

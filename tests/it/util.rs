@@ -280,3 +280,51 @@ pub fn ls(dir: &Path) -> Vec<String> {
 pub fn worker_files(dir: &Path) -> usize {
     ls(dir).iter().filter(|n| n.starts_with("w-") && n.ends_with(".shm")).count()
 }
+
+/// The Python interpreter with prometheus_client (`$SHMETRICS_TEST_PYTHON`, set by `.ci/run`).
+pub fn python() -> String {
+    std::env::var("SHMETRICS_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// [`python`], failing with instructions when it cannot import prometheus_client: these checks must
+/// not silently pass.
+pub fn require_python() -> String {
+    let py = python();
+    let ok = Command::new(&py)
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{py} cannot import prometheus_client: run `bash .ci/run`, or create a venv with \
+         `pip install prometheus_client==0.26.0` and set SHMETRICS_TEST_PYTHON to its python"
+    );
+    py
+}
+
+/// Parses the inside of `{…}` of an exposition line (`a="x",b="y\n"`) into a map, unescaping
+/// values.
+pub fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    while !s.is_empty() {
+        let (k, rest) = s.split_once("=\"").unwrap_or_else(|| panic!("label in {s:?}"));
+        let mut v = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => v.push('\n'),
+                    Some((_, c)) => v.push(c),
+                    None => panic!("escape at end of {s:?}"),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => v.push(c),
+                None => panic!("unterminated label value in {s:?}"),
+            }
+        };
+        labels.insert(k.to_string(), v);
+        s = rest[end + 1..].strip_prefix(',').unwrap_or(&rest[end + 1..]);
+    }
+    labels
+}

@@ -49,36 +49,12 @@ fn parse(text: &str) -> Vec<Sample> {
             None => (head.to_string(), BTreeMap::new()),
             Some((name, rest)) => {
                 let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("labels of {line:?}"));
-                (name.to_string(), parse_labels(body))
+                (name.to_string(), util::parse_labels(body))
             }
         };
         out.push(Sample { name, labels, value });
     }
     out
-}
-
-fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    while !s.is_empty() {
-        let (k, rest) = s.split_once("=\"").unwrap_or_else(|| panic!("label in {s:?}"));
-        let mut v = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next() {
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, 'n')) => v.push('\n'),
-                    Some((_, c)) => v.push(c),
-                    None => panic!("escape at end of {s:?}"),
-                },
-                Some((i, '"')) => break i,
-                Some((_, c)) => v.push(c),
-                None => panic!("unterminated label value in {s:?}"),
-            }
-        };
-        labels.insert(k.to_string(), v);
-        s = rest[end + 1..].strip_prefix(',').unwrap_or(&rest[end + 1..]);
-    }
-    labels
 }
 
 /// A canonical key: name and labels sorted by name, `le` normalised through f64.
