@@ -415,6 +415,7 @@ impl Merger {
         if les.iter().all(|b| old.contains(b)) {
             return false;
         }
+        let was_empty = old.is_empty();
         let mut new: Vec<f64> = old.iter().chain(les).copied().collect();
         new.sort_by(f64::total_cmp);
         new.dedup();
@@ -429,6 +430,11 @@ impl Merger {
         let labels =
             LabelSet { pairs: series.labels.pairs.clone(), text: series.labels.text.clone(), bounds: new };
         series.labels = Arc::new(labels);
+        // A series that had no bounds yet (just created) has no bucket index anywhere to go
+        // stale: only widening bounds already in use moves the epoch (and costs a remap).
+        if was_empty {
+            return true;
+        }
         self.epoch += 1;
         true
     }
@@ -605,6 +611,7 @@ mod tests {
         let f = m.family_for(&h).unwrap();
         let s = m.series_for(f, vec![]);
         assert!(m.widen(s, &[0.1, 1.0]));
+        assert_eq!(m.epoch(), 0, "a fresh series' first bounds invalidate nothing");
         m.archive_value(s, &Value::Hist { buckets: vec![1, 2, 3], sum: 4.0 });
         let epoch = m.epoch();
         assert!(!m.widen(s, &[1.0]));

@@ -355,17 +355,22 @@ impl PyFile {
     }
 }
 
+/// When process `pid` started (unix seconds), or `None` if there is no such process.
+pub fn process_start(pid: i32) -> Option<f64> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    let boot = boot_time()?;
+    Some(boot + stat.starttime as f64 / procfs::ticks_per_second() as f64)
+}
+
 /// Whether the process that wrote a file with this pid is still the one running under it.
 ///
-/// A pid is reused when the process now holding it started after the file was created (with 2 s of
-/// slack for clock granularity) — unless that process has the file open, which a prometheus_client
-/// process that reused the pid does (it opens the existing file and continues it).
-pub fn pid_alive(pid: i32, created: Option<SystemTime>, dev_ino: (u64, u64)) -> bool {
-    let Ok(proc) = procfs::process::Process::new(pid) else { return false };
-    let Ok(stat) = proc.stat() else { return false };
+/// A pid is reused when the process now holding it started after the file was created — unless
+/// that process has the file open, which a prometheus_client process that reused the pid does (it
+/// opens the existing file and continues it). `start` is [`process_start`] of the pid (read once
+/// per pid per scan: a process has several files).
+pub fn file_alive(pid: i32, start: Option<f64>, created: Option<SystemTime>, dev_ino: (u64, u64)) -> bool {
+    let Some(started) = start else { return false };
     let Some(created) = created else { return true };
-    let Some(boot) = boot_time() else { return true };
-    let started = boot + stat.starttime as f64 / procfs::ticks_per_second() as f64;
     let created = created.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     // Slack: the start time is counted in clock ticks (10 ms).
     if started > created + 0.1 {
@@ -373,6 +378,11 @@ pub fn pid_alive(pid: i32, created: Option<SystemTime>, dev_ino: (u64, u64)) -> 
     } else {
         true
     }
+}
+
+/// [`file_alive`] for one file, reading the process start itself.
+pub fn pid_alive(pid: i32, created: Option<SystemTime>, dev_ino: (u64, u64)) -> bool {
+    file_alive(pid, process_start(pid), created, dev_ino)
 }
 
 /// Wall-clock time of boot, in seconds, to sub-millisecond precision (`/proc/stat`'s `btime` is

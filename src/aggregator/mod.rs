@@ -433,6 +433,8 @@ impl Aggregator {
     fn refresh_python(&mut self) {
         let mut failed = Vec::new();
         let mut starts: HashMap<i32, bool> = HashMap::new();
+        // One /proc read per process, not per file (a Python process has several files).
+        let mut process_starts: HashMap<i32, Option<f64>> = HashMap::new();
         // In name order: when two files define a metric differently, the same one wins every
         // time, across restarts too.
         let mut order: Vec<(&String, &mut PyTracked)> = self.py.iter_mut().collect();
@@ -444,7 +446,10 @@ impl Aggregator {
             }
             t.map_new(&mut self.merger, &mut self.stats.conflicts);
             t.alive = match t.file.name.pid() {
-                Some(pid) => py::pid_alive(pid, t.file.created, t.file.dev_ino),
+                Some(pid) => {
+                    let start = *process_starts.entry(pid).or_insert_with(|| py::process_start(pid));
+                    py::file_alive(pid, start, t.file.created, t.file.dev_ino)
+                }
                 None => true, // an identifier that is not a pid: we cannot tell, keep it
             };
             if let (Some(pid), true) = (t.file.name.pid(), t.alive) {
