@@ -96,7 +96,14 @@ impl Registry {
     pub fn global() -> &'static Registry {
         GLOBAL.get_or_init(|| match std::env::var_os(ENV_DIR) {
             Some(dir) if !dir.is_empty() => Registry::open(&dir).unwrap_or_else(|e| {
-                tracing::error!("shmetrics: {e}; metrics of this process will not be aggregated");
+                // Also on stderr: many applications never install a tracing subscriber, and this
+                // misconfiguration must not go unnoticed (the aggregator would show nothing).
+                let msg = format!(
+                    "shmetrics: {e}; metrics of this process will not be aggregated \
+                     (check that {ENV_DIR} names the directory the aggregator serves)"
+                );
+                tracing::error!("{msg}");
+                eprintln!("{msg}");
                 Registry::in_process()
             }),
             _ => Registry::in_process(),
