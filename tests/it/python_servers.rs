@@ -244,21 +244,10 @@ fn parse(text: &str) -> Expo {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (head, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {line:?}"));
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        let (name, labels) = match head.split_once('{') {
-            None => (head.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("labels of {line:?}"));
-                (name.to_string(), labels_le_normalized(body))
-            }
-        };
-        e.samples.insert((name, labels), value);
+        let (head, value) = util::split_value(line);
+        let (name, body) = util::split_labels(head);
+        let labels = body.map(labels_le_normalized).unwrap_or_default();
+        e.samples.insert((name.to_string(), labels), value);
     }
     e
 }

@@ -226,16 +226,41 @@ pub fn samples(text: &str) -> BTreeMap<String, f64> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (key, value) = line.rsplit_once(' ').expect("sample line");
-        let v = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        out.insert(key.to_string(), v);
+        let (key, value) = split_value(line);
+        out.insert(key.to_string(), value);
     }
     out
+}
+
+/// Splits a sample line into `name{labels}` and its value (`+Inf`, `-Inf`, `NaN` included).
+pub fn split_value(line: &str) -> (&str, f64) {
+    let (head, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {line:?}"));
+    let v = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+    };
+    (head, v)
+}
+
+/// Splits `name{labels}` into the name and the inside of the braces (`None` without labels).
+pub fn split_labels(head: &str) -> (&str, Option<&str>) {
+    match head.split_once('{') {
+        None => (head, None),
+        Some((name, rest)) => {
+            (name, Some(rest.strip_suffix('}').unwrap_or_else(|| panic!("labels of {head:?}"))))
+        }
+    }
+}
+
+/// The pids of a `READY <pid> <pid> …` line (workload's).
+pub fn parse_ready(line: &str) -> Vec<i32> {
+    line.strip_prefix("READY")
+        .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect()
 }
 
 /// A `workload` example run: the process and the pids it printed in its READY line.
@@ -257,12 +282,7 @@ pub fn workload(dir: &Path, args: &[&str]) -> Workload {
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("READY line");
-    let pids: Vec<i32> = line
-        .strip_prefix("READY")
-        .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
-        .split_whitespace()
-        .map(|p| p.parse().expect("pid"))
-        .collect();
+    let pids = parse_ready(&line);
     Workload { proc: Proc { child }, pids, stdout }
 }
 

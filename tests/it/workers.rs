@@ -39,20 +39,10 @@ fn parse(text: &str) -> Vec<Sample> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (head, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {line:?}"));
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        let (name, labels) = match head.split_once('{') {
-            None => (head.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("labels of {line:?}"));
-                (name.to_string(), util::parse_labels(body))
-            }
-        };
-        out.push(Sample { name, labels, value });
+        let (head, value) = util::split_value(line);
+        let (name, body) = util::split_labels(head);
+        let labels = body.map(util::parse_labels).unwrap_or_default();
+        out.push(Sample { name: name.to_string(), labels, value });
     }
     out
 }
@@ -821,12 +811,7 @@ fn workload_in_a_pid_namespace() {
     let mut ns = Proc { child };
     let mut line = String::new();
     stdout.read_line(&mut line).expect("READY line");
-    let pids: Vec<i32> = line
-        .strip_prefix("READY")
-        .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
-        .split_whitespace()
-        .map(|p| p.parse().expect("pid"))
-        .collect();
+    let pids = util::parse_ready(&line);
     // Inside the namespace the master is pid 1 and its workers come right after.
     assert_eq!(pids.len(), 3);
     assert!(pids.iter().all(|p| *p > 1 && *p < 100), "namespace pids {pids:?}");
