@@ -361,13 +361,24 @@ impl Aggregator {
                         }
                         continue;
                     }
-                    if self.files.values().any(|t| t.file.file_id == file.file_id) {
+                    // Two files with one id: one is a copy. The genuine one is the one whose lock
+                    // a live writer holds, whichever comes first in name order.
+                    let twin = self.files.iter().find(|(_, t)| t.file.file_id == file.file_id);
+                    if let Some((twin_name, twin)) = twin {
+                        let twin_name = twin_name.clone();
+                        if !twin.file.is_dead_now() || file.is_dead_now() {
+                            self.mark_bad(
+                                name,
+                                BadReason::Corrupt,
+                                "a copy of another worker's file (same file id)",
+                            );
+                            continue;
+                        }
                         self.mark_bad(
-                            name,
+                            &twin_name,
                             BadReason::Corrupt,
-                            "a copy of another worker's file (same file id)",
+                            "a copy of another worker's file (same file id, its lock is free)",
                         );
-                        continue;
                     }
                     self.bad.remove(name);
                     self.files.insert(

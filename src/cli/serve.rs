@@ -13,9 +13,10 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Before anything is announced: SIGHUP's default action would end the process.
+        let mut hup = signal(SignalKind::hangup())?;
         let servers = Servers::start(agg, &args.agg).await?;
         tracing::info!("serving http://{}/metrics for {}", servers.http_addr, args.dir.display());
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,

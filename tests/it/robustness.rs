@@ -485,10 +485,15 @@ fn copies_of_a_live_workers_file_are_not_counted_twice() {
     let mut same_id = real.clone();
     same_id[32..40].copy_from_slice(&900011u64.to_le_bytes());
     put(&format!("w-900011-{id}.shm"), &same_id);
+    // The same with pid 1: `w-1-…` sorts before any real worker's file, so the aggregator meets the
+    // copy first; the genuine file (its lock held) must still win.
+    let mut first = real.clone();
+    first[32..40].copy_from_slice(&1u64.to_le_bytes());
+    put(&format!("w-1-{id}.shm"), &first);
     for round in 0..3 {
         let s = util::samples(&util::scrape(env.addr()));
         assert_workload_totals(&s, 2, 3);
-        assert_eq!(get(&s, "shmetrics_bad_files{reason=\"corrupt\"}"), 2.0, "round {round}");
+        assert_eq!(get(&s, "shmetrics_bad_files{reason=\"corrupt\"}"), 3.0, "round {round}");
         assert_eq!(get(&s, "shmetrics_workers_dead_total"), 0.0, "round {round}");
         assert_eq!(get(&s, "shmetrics_workers_live"), 3.0, "round {round}");
     }
