@@ -486,11 +486,15 @@ fn exact_counts(run: &mut RunProc, app: SocketAddr, server: &str) {
     // Each worker answered a /pid, so each has its counter, histogram and `livesum` gauge file;
     // the master has a gauge file of its own: the app was loaded there before the fork (gunicorn's
     // preload_app, uWSGI without lazy-apps), which created app_in_flight with the value 0.
+    // (At least WORKERS workers: the server may replace a worker that was slow under load, and its
+    // replacement writes files of its own; the counts asserted above stay exact either way.)
     let files = db_files(&run.dir);
     let of = |prefix: &str| files.iter().filter(|f| f.starts_with(prefix)).count();
+    let workers = of("counter_");
+    assert!(workers >= WORKERS, "{server}: {files:?}");
     assert_eq!(
-        (of("counter_"), of("histogram_"), of("gauge_livesum_"), files.len()),
-        (WORKERS, WORKERS, WORKERS + 1, 3 * WORKERS + 1),
+        (of("histogram_"), of("gauge_livesum_"), files.len()),
+        (workers, workers + 1, 3 * workers + 1),
         "{server}: {files:?}"
     );
     assert!(
