@@ -1,26 +1,40 @@
 //! The archive: what dead workers contributed, persisted in the directory.
 //!
 //! When a worker dies its file is folded into the archive and removed, so totals never go backwards
-//! and the directory stays proportional to live workers. The archive is written to a temp file and
-//! renamed over `archive.json`, so a crash leaves the old or the new one, never half of one. It lists
-//! the ids of files folded but perhaps not yet removed; a file whose id is listed is removed at the
-//! next pass without being folded again, so a crash between "write archive" and "remove file" never
-//! counts a worker twice.
+//! and the directory stays proportional to live workers. The archive lists the ids of files folded
+//! but perhaps not yet removed; a file whose id is listed is removed at the next pass without being
+//! folded again, so a crash between "save archive" and "remove file" never counts a worker twice.
+//! The caller removes a folded file only after an archive listing it has been saved durably
+//! ([`save`] returns only once the new archive is on disk under its name), so a full disk or a
+//! crash never loses a dead worker's totals either.
+//!
+//! The archive is untrusted input like every file in the directory: it is opened without
+//! following links or blocking ([`crate::trust`]), and one that is not a regular file of ours, does
+//! not parse, or has another version is **set aside** (renamed to `archive.json.corrupt-<time>`,
+//! never deleted) with a loud log line, and the aggregator starts with empty totals instead of
+//! refusing to start: a crash loop would lose more than the archive.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{Merger, Value};
+use crate::trust::{Refused, Trust};
 
 /// Archive format version.
 const VERSION: u32 = 1;
 
+/// Largest archive read back: a larger file is set aside as corrupt, not read into memory.
+const MAX_SIZE: u64 = 1 << 30;
+
+/// Prefix of archives set aside as corrupt (`archive.json.corrupt-<unix secs>`).
+pub const CORRUPT_PREFIX: &str = "archive.json.corrupt-";
+
 /// Totals that outlive worker files.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     /// Workers whose files were folded.
     pub dead_workers: u64,
@@ -33,6 +47,13 @@ pub struct Totals {
     /// Python prometheus_client files removed by `--compact-python`.
     #[serde(default)]
     pub python_files_compacted: u64,
+    /// CPU seconds of the job's processes that are gone (see [`crate::procs`]).
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// CPU seconds of children that live masters had reaped before they were first seen, by
+    /// process (pid and start time in clock ticks): not the job's, so left out of its total.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_bases: Vec<(i32, u64, f64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,26 +163,47 @@ pub struct Loaded {
     pub totals: Totals,
     /// Hex ids of files already folded.
     pub folded: Vec<String>,
+    /// Where an unusable archive was moved, and why it was unusable.
+    pub set_aside: Option<(PathBuf, String)>,
 }
 
-/// Loads `dir/archive.json` into `merger`. A missing archive is empty; an unreadable one is an
-/// error that tells the operator what to do (we never silently drop totals).
-pub fn load(dir: &Path, merger: &mut Merger) -> Result<Loaded> {
+/// Loads `dir/archive.json` into `merger`. A missing archive is empty. One that cannot be used (not
+/// a regular file of ours, unparsable, another version, larger than 1 GiB) is set aside (see the
+/// module docs) and reported in [`Loaded::set_aside`]; only an archive that cannot even be opened
+/// or moved (permissions) is an error.
+pub fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loaded> {
     let path = dir.join(crate::dir::ARCHIVE_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
-        Err(e) => return Err(Error::io(&path, e)),
+    let file = match read(&path, trust) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(Loaded::default()),
+        Err(why) => return set_aside(dir, &path, why),
     };
-    let file: File = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Corrupt(format!(
-            "{}: {e}; move it away (totals of dead workers restart from zero) or restore it",
-            path.display()
-        ))
-    })?;
     if file.version != VERSION {
-        return Err(Error::Corrupt(format!("{}: archive version {}", path.display(), file.version)));
+        let why = format!("archive version {}, this build reads version {VERSION}", file.version);
+        return set_aside(dir, &path, why);
     }
+    Ok(fill(file, merger))
+}
+
+/// [`load`] for an aggregator that changes nothing in the directory (`shmetrics dump`): an unusable
+/// archive is only reported in the log, and read as empty.
+pub fn load_read_only(dir: &Path, trust: &Trust, merger: &mut Merger) -> Loaded {
+    let path = dir.join(crate::dir::ARCHIVE_FILE);
+    match read(&path, trust) {
+        Ok(Some(file)) if file.version == VERSION => fill(file, merger),
+        Ok(None) => Loaded::default(),
+        Ok(Some(file)) => {
+            tracing::warn!(archive = %path.display(), "archive version {}; dead workers' totals left out", file.version);
+            Loaded::default()
+        }
+        Err(why) => {
+            tracing::warn!(archive = %path.display(), "unusable archive ({why}); dead workers' totals left out");
+            Loaded::default()
+        }
+    }
+}
+
+fn fill(file: File, merger: &mut Merger) -> Loaded {
     for f in &file.families {
         let Some(desc) = desc_of(f) else { continue };
         let Some(fam) = merger.family_for(&desc) else { continue };
@@ -171,10 +213,40 @@ pub fn load(dir: &Path, merger: &mut Merger) -> Result<Loaded> {
             merger.archive_value(idx, &s.value.value());
         }
     }
-    Ok(Loaded { totals: file.totals, folded: file.folded })
+    Loaded { totals: file.totals, folded: file.folded, set_aside: None }
 }
 
-/// Writes the archive atomically (temp file, fsync, rename).
+/// Reads and parses the archive; `Ok(None)` when there is none, `Err` with the reason it is unusable.
+fn read(path: &Path, trust: &Trust) -> std::result::Result<Option<File>, String> {
+    let (f, meta) = match crate::trust::open_read(path, trust) {
+        Ok(f) => f,
+        Err(Refused::Gone) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if meta.len() > MAX_SIZE {
+        return Err(format!("{} bytes, more than an archive can hold", meta.len()));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_SIZE + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("does not parse: {e}"))
+}
+
+/// Whether an open file is a usable archive (it parses and has our version).
+pub fn parses(file: std::fs::File, meta: &std::fs::Metadata) -> bool {
+    let mut bytes = Vec::new();
+    meta.len() <= MAX_SIZE
+        && file.take(MAX_SIZE + 1).read_to_end(&mut bytes).is_ok()
+        && serde_json::from_slice::<File>(&bytes).is_ok_and(|f| f.version == VERSION)
+}
+
+fn set_aside(dir: &Path, path: &Path, why: String) -> Result<Loaded> {
+    let aside = crate::trust::aside_name(dir, crate::dir::ARCHIVE_FILE, "corrupt");
+    std::fs::rename(path, &aside).map_err(|e| Error::io(path, e))?;
+    Ok(Loaded { set_aside: Some((aside, why)), ..Loaded::default() })
+}
+
+/// Writes the archive durably: when this returns `Ok`, the new archive is on disk under its name
+/// (temporary file, fsync, rename, directory fsync; see [`crate::trust::replace`]).
 pub fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[String]) -> Result<()> {
     let mut families: Vec<Family> = Vec::new();
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -201,17 +273,6 @@ pub fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[String]) -> 
         });
     }
     let file = File { version: VERSION, totals: totals.clone(), folded: folded.to_vec(), families };
-    let path = dir.join(crate::dir::ARCHIVE_FILE);
-    let tmp = dir.join(format!(".archive.json.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer(&mut f, &file).map_err(std::io::Error::other)?;
-        f.flush()?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(&path, e)
-    })
+    let bytes = serde_json::to_vec(&file).map_err(|e| Error::Corrupt(format!("archive: {e}")))?;
+    crate::trust::replace(dir, crate::dir::ARCHIVE_FILE, &bytes)
 }

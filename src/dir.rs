@@ -6,21 +6,34 @@
 //! starting afresh: files of the previous run (dead writers' files, temp files, the archive) are
 //! removed and totals start from zero. `--wipe` removes everything of ours regardless.
 //!
+//! Either way the aggregator **never deletes what it does not understand**: a file is removed only
+//! when it is a regular file of a trusted owner ([`crate::trust`]) that it recognises by name *and*
+//! content — a writer file whose header has our magic and format version and matches its name, a
+//! prometheus_client file that parses as one, an archive that parses. Anything else (a file of
+//! another format version, a foreign file under one of our names, a link, a FIFO, another user's
+//! file, an archive set aside as corrupt) is left in place for the operator, and counted in
+//! `shmetrics_bad_files` by the scans that follow.
+//!
 //! Only one aggregator may own a directory: it holds an exclusive `flock` on `aggregator.lock`, and
-//! is the only process that ever removes or compacts files, so compaction never races.
+//! is the only process that ever removes or compacts files, so compaction never races. Before that,
+//! [`lock`] checks that the directory can be trusted ([`crate::trust::check_dir`]).
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, File};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::layout;
+use crate::trust::{self, Trust};
 
 /// Name of the lock file the aggregator holds.
 pub const LOCK_FILE: &str = "aggregator.lock";
 /// Name of the persisted archive of dead workers.
 pub const ARCHIVE_FILE: &str = "archive.json";
+/// A writer's temporary file younger than this may belong to a writer that has not locked it yet.
+pub const TEMP_GRACE: Duration = Duration::from_secs(10);
 
 /// What start-up found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +53,7 @@ pub enum Startup {
 pub struct DirLock {
     _lock: File,
     dir: PathBuf,
+    trust: Trust,
 }
 
 impl DirLock {
@@ -47,10 +61,16 @@ impl DirLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Whose files in it are used.
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
 }
 
-/// Whether a name in the directory is one of ours (writer, temp, archive, lock, and Python
-/// prometheus_client files, which the aggregator manages for the app).
+/// Whether a name in the directory is one of ours (writer, temp, archive and its temporaries and
+/// set-aside copies, lock, and Python prometheus_client files, which the aggregator manages for
+/// the app).
 pub fn is_ours(name: &str) -> bool {
     crate::python::parse_name(name).is_some()
         || name.strip_prefix(".compact-").is_some_and(|n| crate::python::parse_name(n).is_some())
@@ -58,28 +78,29 @@ pub fn is_ours(name: &str) -> bool {
         || layout::is_writer_temp(name)
         || name == ARCHIVE_FILE
         || name == LOCK_FILE
-        || (name.starts_with(".archive.json.") && name.ends_with(".tmp"))
+        || trust::is_replace_temp(name, ARCHIVE_FILE)
+        || name.starts_with(crate::archive::CORRUPT_PREFIX)
 }
 
-/// Creates `dir` (mode 0700) if missing and takes its aggregator lock.
-pub fn lock(dir: &Path) -> Result<DirLock> {
+/// Creates `dir` (mode 0700) if missing, checks that it can be trusted (`shared`: it is
+/// deliberately shared between users, see [`trust::check_dir`]) and takes its aggregator lock.
+pub fn lock(dir: &Path, shared: bool) -> Result<DirLock> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
+    let trust = trust::check_dir(dir, shared)?;
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    let mut lock = file;
+    let (mut lock, _) = trust::open_rw(&path, &trust).map_err(|r| match r {
+        trust::Refused::Io(e) => Error::io(&path, e),
+        r => Error::Untrusted {
+            path: path.clone(),
+            why: format!("is {r}"),
+            fix: "remove it (an aggregator creates its lock file itself)".into(),
+        },
+    })?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
-            let _ = lock.read_to_string(&mut holder);
+            let _ = (&lock).take(256).read_to_string(&mut holder);
             let holder = holder.trim();
             let holder = if holder.is_empty() { "pid unknown".to_string() } else { holder.to_string() };
             return Err(Error::Locked { dir: dir.to_path_buf(), holder });
@@ -89,55 +110,104 @@ pub fn lock(dir: &Path) -> Result<DirLock> {
     let me = format!("pid {}\n", std::process::id());
     let written = lock.set_len(0).and_then(|()| lock.rewind()).and_then(|()| lock.write_all(me.as_bytes()));
     written.map_err(|e| Error::io(&path, e))?;
-    Ok(DirLock { _lock: lock, dir: dir.to_path_buf() })
+    Ok(DirLock { _lock: lock, dir: dir.to_path_buf(), trust })
 }
 
 /// Applies the start-up rule (see the module docs) to a directory we hold the lock of.
 pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
-    let dir = lock.dir();
+    let (dir, trust) = (lock.dir(), lock.trust());
     let names = list(dir)?;
     // Liveness is the lock alone, never whether we can parse a file: a live writer's file must
     // not be removed because it looks odd to this build.
-    let any_live = !wipe
-        && names.iter().any(|n| {
-            let path = dir.join(n);
-            if layout::is_writer_file(n) || layout::is_writer_temp(n) {
-                return is_locked(&path);
-            }
-            // Python files have no lock: their process must be alive (and not a reuse of the pid).
-            let pyname = crate::python::parse_name(n);
-            match (pyname.as_ref().and_then(crate::python::PyName::pid), std::fs::metadata(&path)) {
-                (Some(pid), Ok(m)) => {
-                    use std::os::unix::fs::MetadataExt;
-                    crate::python::pid_alive(pid, m.created().ok(), (m.dev(), m.ino()))
-                }
-                _ => false,
-            }
-        });
+    let any_live = !wipe && names.iter().any(|n| is_live(&dir.join(n), n, &trust));
     if any_live {
         return Ok(Startup::Restart);
     }
-    for n in names.iter().filter(|n| is_ours(n) && n.as_str() != LOCK_FILE) {
+    for n in &names {
         let p = dir.join(n);
-        if let Err(e) = std::fs::remove_file(&p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(Error::io(&p, e));
+        match understood(&p, n, &trust, wipe) {
+            Ok(true) => {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(Error::io(&p, e));
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(why) => {
+                tracing::warn!(file = %p.display(), "start-up: not removing {n}: {why}; it is left in place");
             }
         }
     }
     Ok(if wipe { Startup::Wiped } else { Startup::Fresh })
 }
 
-/// Whether some process holds the `flock` of a file (an error opening or locking it counts as
-/// held: when in doubt, keep the file).
-fn is_locked(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else { return true };
-    match file.try_lock() {
-        Ok(()) => {
-            let _ = file.unlock();
-            false
+/// Whether `n` is a writer or Python file of a live process.
+fn is_live(path: &Path, n: &str, trust: &Trust) -> bool {
+    if layout::is_writer_file(n) || layout::is_writer_temp(n) {
+        return trust::is_locked(path, trust) == Some(true);
+    }
+    // Python files have no lock: their process must be alive (and not a reuse of the pid).
+    let Some(pid) = crate::python::parse_name(n).as_ref().and_then(crate::python::PyName::pid) else {
+        return false;
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() && trust.owner_ok(m.uid()) => {
+            crate::python::pid_alive(pid, m.created().ok(), (m.dev(), m.ino()))
         }
-        Err(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether a fresh start (`wipe`: a wipe) removes `path`: `Ok(true)` for a file of ours that we
+/// understand and nobody uses, `Ok(false)` for names that are not ours (or our lock and set-aside
+/// archives), `Err(why)` for a file under one of our names that we do not understand.
+fn understood(path: &Path, n: &str, trust: &Trust, wipe: bool) -> std::result::Result<bool, String> {
+    if n == LOCK_FILE || n.starts_with(crate::archive::CORRUPT_PREFIX) || !is_ours(n) {
+        return Ok(false);
+    }
+    let (file, meta) = trust::open_read(path, trust).map_err(|r| r.to_string())?;
+    if layout::is_writer_file(n) {
+        let mut head = [0u8; layout::header::END as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)
+            .map_err(|_| "shorter than a shmetrics header".to_string())?;
+        layout::check_header(&head).map_err(|e| e.to_string())?;
+        let word = |off: u64| {
+            let o = off as usize;
+            u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]))
+        };
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&head[layout::header::FILE_ID as usize..layout::header::FILE_ID as usize + 16]);
+        if layout::file_name(word(layout::header::PID), &id) != n {
+            return Err("its header names another file (renamed or copied)".into());
+        }
+        return Ok(wipe || unlocked(&file));
+    }
+    if layout::is_writer_temp(n) {
+        let young = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_none_or(|age| age < TEMP_GRACE);
+        return Ok(wipe || (!young && unlocked(&file)));
+    }
+    if n == ARCHIVE_FILE {
+        // A valid archive of the previous run goes; an unusable one is set aside by the load that
+        // follows, with a log line, never deleted.
+        return Ok(crate::archive::parses(file, &meta));
+    }
+    if trust::is_replace_temp(n, ARCHIVE_FILE) {
+        return Ok(true); // only an aggregator holding the lock writes these: a dead one's leftover
+    }
+    // A prometheus_client file, or one set aside for compaction.
+    let original = n.strip_prefix(".compact-").unwrap_or(n);
+    let Some(pyname) = crate::python::parse_name(original) else { return Ok(false) };
+    drop(file);
+    crate::python::PyFile::open(path, pyname, trust).map_err(|(_, why)| why)?;
+    Ok(true)
+}
+
+/// Whether no process holds the lock of an open file (an error counts as held).
+fn unlocked(file: &File) -> bool {
+    match file.try_lock() {
+        Ok(()) => file.unlock().is_ok(),
+        Err(_) => false,
     }
 }
 

@@ -70,6 +70,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A directory or file the aggregator must not trust (another user's, writable by others, a
+    /// link or a special file where a regular file belongs).
+    #[error("{}: {why}; {fix}", path.display())]
+    Untrusted {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+        /// What the operator can do.
+        fix: String,
+    },
     /// Another aggregator holds the directory's lock.
     #[error(
         "{} is already served by another shmetrics aggregator ({holder}); stop it first, or give \

@@ -81,6 +81,7 @@ pub mod perf;
 pub mod python;
 pub mod reader;
 pub mod serve;
+pub mod trust;
 pub mod warmup;
 pub mod writer;
 

@@ -15,7 +15,7 @@
 //! reads values.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use std::time::SystemTime;
 
 use crate::layout::GaugeMode;
 use crate::reader::{BadReason, MappedFile};
+use crate::trust::Trust;
 
 /// What a Python file holds, from its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -197,17 +198,10 @@ pub struct PyFile {
 type Bad = (BadReason, String);
 
 impl PyFile {
-    /// Opens a Python file whose name parsed as `name`.
-    pub fn open(path: &Path, name: PyName) -> Result<PyFile, Bad> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| (BadReason::Corrupt, e.to_string()))?;
-        let meta = file.metadata().map_err(|e| (BadReason::Corrupt, e.to_string()))?;
-        if !meta.is_file() {
-            return Err((BadReason::Foreign, "not a regular file".into()));
-        }
+    /// Opens a Python file whose name parsed as `name` (a regular file of a trusted owner, see
+    /// [`crate::trust`]).
+    pub fn open(path: &Path, name: PyName, trust: &Trust) -> Result<PyFile, Bad> {
+        let (file, meta) = crate::trust::open_read(path, trust).map_err(|r| BadReason::refused(&r))?;
         let mut head = [0u8; 16];
         let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).unwrap_or(0);
         if n >= 16 && head.starts_with(b"SQLite format 3\0") {

@@ -8,12 +8,12 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::layout::{self, header, region, region::Region, MetricDesc, Record, HEADER_SIZE};
+use crate::trust::Trust;
 
 /// One parsed SERIES record.
 #[derive(Clone, Debug)]
@@ -39,6 +39,10 @@ pub enum BadReason {
     Truncated,
     /// A record breaks the format.
     Corrupt,
+    /// Not a regular file: a symbolic link, FIFO, socket, device or directory (never opened).
+    NotRegular,
+    /// Owned by a user that is neither the aggregator's nor the directory's owner (never read).
+    Owner,
 }
 
 impl BadReason {
@@ -49,7 +53,31 @@ impl BadReason {
             BadReason::Version => "version",
             BadReason::Truncated => "truncated",
             BadReason::Corrupt => "corrupt",
+            BadReason::NotRegular => "not_regular",
+            BadReason::Owner => "owner",
         }
+    }
+
+    /// Every reason, in label order.
+    pub const ALL: [BadReason; 6] = [
+        BadReason::Corrupt,
+        BadReason::Foreign,
+        BadReason::NotRegular,
+        BadReason::Owner,
+        BadReason::Truncated,
+        BadReason::Version,
+    ];
+
+    /// Why [`crate::trust::open_read`] refused a file, as a reason and a message.
+    pub fn refused(r: &crate::trust::Refused) -> (BadReason, String) {
+        use crate::trust::Refused;
+        let reason = match r {
+            Refused::NotRegular(_) => BadReason::NotRegular,
+            Refused::Owner(_) => BadReason::Owner,
+            Refused::Gone => BadReason::Truncated,
+            Refused::Io(_) => BadReason::Corrupt,
+        };
+        (reason, r.to_string())
     }
 
     fn of(e: &Error) -> BadReason {
@@ -155,17 +183,10 @@ fn truncated(what: &str) -> (BadReason, String) {
 }
 
 impl WorkerFile {
-    /// Opens a worker file and checks its header.
-    pub fn open(path: &Path) -> std::result::Result<WorkerFile, (BadReason, String)> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| (BadReason::Corrupt, e.to_string()))?;
-        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if !is_file {
-            return Err((BadReason::Foreign, "not a regular file".into()));
-        }
+    /// Opens a worker file (a regular file of a trusted owner, see [`crate::trust`]) and checks its
+    /// header.
+    pub fn open(path: &Path, trust: &Trust) -> std::result::Result<WorkerFile, (BadReason, String)> {
+        let (file, _) = crate::trust::open_read(path, trust).map_err(|r| BadReason::refused(&r))?;
         let mut wf = WorkerFile {
             path: path.to_path_buf(),
             mf: MappedFile::new(file),

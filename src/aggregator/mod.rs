@@ -5,7 +5,7 @@
 //!    be read are remembered as bad (and re-examined only when their size or mtime changes);
 //! 2. parses records each file appended since the last scrape and maps new series to merged ones;
 //! 3. tests each writer's lock: a dead writer's final values are folded into the archive, the
-//!    archive is saved atomically and the file removed ([`crate::archive`]);
+//!    archive is saved durably, and only then is the file removed ([`folds`], [`crate::archive`]);
 //! 4. starts from the archived values and combines every live file's slots into them;
 //! 5. appends the aggregator's own metrics.
 //!
@@ -24,8 +24,11 @@ use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, Merger, SnapFamily, Snapshot, Value};
 use crate::python::{self as py, KeyCache, PyFile};
 use crate::reader::{BadReason, WorkerFile};
+use crate::trust::Trust;
 
+mod folds;
 mod python;
+use folds::Folds;
 use python::PyTracked;
 
 /// Merged-series index meaning "not exported" (conflicting metric).
@@ -101,6 +104,12 @@ pub struct Stats {
     pub python_files: usize,
     /// Distinct live processes among the Python files.
     pub python_processes: usize,
+    /// Archive saves that failed, since start.
+    pub archive_save_errors: u64,
+    /// Archives set aside as corrupt (`archive.json.corrupt-*`) in the directory.
+    pub corrupt_archives: usize,
+    /// Dead workers' files folded but not removed yet (waiting for the archive to be saved).
+    pub pending_removal: usize,
 }
 
 /// Options of an aggregator.
@@ -116,6 +125,9 @@ pub struct Options {
     /// Fold dead Python processes' files into the archive and remove them (see
     /// [`python`](self::python) for why that is safe).
     pub compact_python: bool,
+    /// The directory is deliberately shared between users: accept it although another user owns
+    /// it or may write to it (see [`crate::trust::check_dir`]).
+    pub shared_dir: bool,
 }
 
 /// Follows a directory and produces merged snapshots.
@@ -123,6 +135,7 @@ pub struct Aggregator {
     /// The directory lock; `None` for a read-only aggregator.
     _lock: Option<DirLock>,
     dir: PathBuf,
+    trust: Trust,
     read_only: bool,
     startup: Startup,
     files: HashMap<String, Tracked>,
@@ -133,11 +146,10 @@ pub struct Aggregator {
     bad: HashMap<String, Bad>,
     merger: Merger,
     totals: Totals,
-    /// Ids of folded files that may still exist (persisted in the archive).
-    folded: Vec<String>,
-    /// Ids of every file folded by this aggregator or listed by the archive it loaded: a file
-    /// carrying one of them is removed, never folded again (a failed unlink, a copy put back).
-    folded_ever: std::collections::HashSet<String>,
+    /// What was folded, what of it is on disk, what waits for removal.
+    folds: Folds,
+    /// Archives set aside as corrupt, present in the directory at the last scan.
+    corrupt_archives: usize,
     dead_since_rebuild: usize,
     /// The merger epoch all mappings were made at.
     epoch_mapped: u64,
@@ -153,24 +165,38 @@ pub struct Aggregator {
 impl Aggregator {
     /// Takes ownership of `dir` (creating it), applies the start-up rule and loads the archive.
     pub fn open(dir: &Path, opts: &Options) -> Result<Aggregator> {
-        let (lock, startup) = if opts.read_only {
-            if !dir.is_dir() {
-                return Err(crate::Error::io(dir, std::io::Error::from(std::io::ErrorKind::NotFound)));
-            }
-            (None, Startup::Kept)
+        let (lock, trust, startup) = if opts.read_only {
+            (None, crate::trust::check_dir(dir, opts.shared_dir)?, Startup::Kept)
         } else {
-            let lock = dir::lock(dir)?;
+            let lock = dir::lock(dir, opts.shared_dir)?;
             let startup = if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe)? };
-            (Some(lock), startup)
+            let trust = lock.trust();
+            remove_archive_temps(dir, &trust);
+            (Some(lock), trust, startup)
         };
         let mut merger = Merger::new();
-        let loaded = archive::load(dir, &mut merger)?;
+        let loaded = if opts.read_only {
+            archive::load_read_only(dir, &trust, &mut merger)
+        } else {
+            archive::load(dir, &trust, &mut merger)?
+        };
+        if let Some((aside, why)) = &loaded.set_aside {
+            tracing::error!(
+                archive = %dir.join(dir::ARCHIVE_FILE).display(),
+                "THE ARCHIVE OF DEAD WORKERS' TOTALS IS UNUSABLE ({why}); it was moved to {} and \
+                 the totals of dead workers restart from zero. Restore it (stop the aggregator, \
+                 move it back) if you can repair it; remove it once dealt with \
+                 (shmetrics_archive_corrupt_files counts such files)",
+                aside.display()
+            );
+        }
         if !opts.read_only {
             tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
         }
         Ok(Aggregator {
             _lock: lock,
             dir: dir.to_path_buf(),
+            trust,
             read_only: opts.read_only,
             startup,
             files: HashMap::new(),
@@ -181,8 +207,8 @@ impl Aggregator {
             bad: HashMap::new(),
             merger,
             totals: loaded.totals,
-            folded_ever: loaded.folded.iter().cloned().collect(),
-            folded: loaded.folded,
+            folds: Folds::loaded(loaded.folded),
+            corrupt_archives: 0,
             dead_since_rebuild: 0,
             epoch_mapped: 0,
             ever_seen: false,
@@ -315,8 +341,18 @@ impl Aggregator {
         self.files.retain(|n, _| present.contains(n.as_str()));
         self.py.retain(|n, _| present.contains(n.as_str()));
         self.bad.retain(|n, _| present.contains(n.as_str()));
+        self.foreign_logged.retain(|n| present.contains(n.as_str()));
+        self.folds.prune(&present);
         let mut foreign = 0;
+        self.corrupt_archives = 0;
         for name in &names {
+            if self.folds.is_doomed(name) {
+                continue; // folded already; removed once the archive holding it is saved
+            }
+            if name.starts_with(archive::CORRUPT_PREFIX) {
+                self.corrupt_archives += 1;
+                continue;
+            }
             if layout::is_writer_temp(name) {
                 self.remove_stale_temp(&dir.join(name));
                 continue;
@@ -351,13 +387,14 @@ impl Aggregator {
                     continue;
                 }
             }
-            match WorkerFile::open(&path) {
+            match WorkerFile::open(&path, &self.trust) {
                 Ok(file) => {
                     let id = layout::file_id_hex(&file.file_id);
-                    if self.folded_ever.contains(&id) {
-                        // Folded already (its removal failed, or a copy was put back).
+                    if self.folds.is_folded(&id) {
+                        // Folded already (an earlier run crashed before removing it, its removal
+                        // failed, or a copy was put back): removed, never folded again.
                         if file.is_dead_now() && !self.read_only {
-                            let _ = std::fs::remove_file(&path);
+                            self.folds.found(&id, name, path);
                         }
                         continue;
                     }
@@ -390,6 +427,11 @@ impl Aggregator {
             }
         }
         self.refresh_and_fold();
+        if !self.read_only {
+            let (dir, merger, totals) = (&self.dir, &self.merger, &self.totals);
+            self.folds.save(|folded| archive::save(dir, merger, totals, folded));
+            self.folds.remove_saved();
+        }
         let mut bad: BTreeMap<BadReason, usize> = BTreeMap::new();
         for b in self.bad.values() {
             *bad.entry(b.reason).or_default() += 1;
@@ -400,6 +442,9 @@ impl Aggregator {
         self.stats.bad_files = bad;
         self.stats.files = self.files.len();
         self.stats.python_files = self.py.len();
+        self.stats.archive_save_errors = self.folds.save_errors;
+        self.stats.corrupt_archives = self.corrupt_archives;
+        self.stats.pending_removal = self.folds.doomed_count();
     }
 
     fn open_python(&mut self, name: &str, pyname: py::PyName) {
@@ -409,7 +454,7 @@ impl Aggregator {
                 return;
             }
         }
-        match PyFile::open(&path, pyname) {
+        match PyFile::open(&path, pyname, &self.trust) {
             Ok(file) => {
                 self.bad.remove(name);
                 self.py.insert(name.to_string(), PyTracked::new(file));
@@ -423,12 +468,13 @@ impl Aggregator {
     fn adopt_aside(&mut self, name: &str, original: &str) {
         let path = self.dir().join(name);
         let Some(pyname) = py::parse_name(original) else { return };
-        match PyFile::open(&path, pyname) {
+        match PyFile::open(&path, pyname, &self.trust) {
             Ok(file) => {
-                if self.folded_ever.contains(&format!("py:{original}:{}", file.dev_ino.1)) {
+                let id = format!("py:{original}:{}", file.dev_ino.1);
+                if self.folds.is_folded(&id) {
                     // The archive holds it already; its removal was interrupted.
                     if !self.read_only {
-                        let _ = std::fs::remove_file(&path);
+                        self.folds.found(&id, name, path);
                     }
                     return;
                 }
@@ -479,7 +525,6 @@ impl Aggregator {
     /// One pass of the compaction protocol described in [`python`].
     fn compact_python_files(&mut self) {
         let names: Vec<String> = self.py.keys().cloned().collect();
-        let mut doomed = Vec::new();
         for name in names {
             let Some(t) = self.py.get_mut(&name) else { continue };
             if t.keep || t.file.name.pid().is_none() {
@@ -504,7 +549,8 @@ impl Aggregator {
                     let pid = t.file.name.pid().unwrap_or(0);
                     // Step 2: a process that reused the pid before the rename has the file open.
                     if py::has_open(pid, t.file.dev_ino) {
-                        tracing::info!(file = %original.display(), "pid {pid} was reused and the                             new process continues this file; not compacting it");
+                        tracing::info!(file = %original.display(), "pid {pid} was reused and the \
+                            new process continues this file; not compacting it");
                         if std::fs::hard_link(t.file.path(), &original).is_ok() {
                             let _ = std::fs::remove_file(t.file.path());
                             t.file.set_path(original);
@@ -513,9 +559,12 @@ impl Aggregator {
                         t.keep = true;
                         continue;
                     }
-                    // Step 3: fold (unless it is a live gauge file or already folded), save, remove.
-                    let id = format!("py:{name}:{}", t.file.dev_ino.1);
-                    if !t.is_live_gauge() && !self.folded_ever.contains(&id) {
+                    // Step 3: fold (unless it is a live gauge file or already folded); the file is
+                    // removed once an archive recording the fold is saved. The id names the
+                    // original file, as `adopt_aside` does after a restart.
+                    let original_name = original.file_name().and_then(|n| n.to_str()).unwrap_or(&name);
+                    let id = format!("py:{original_name}:{}", t.file.dev_ino.1);
+                    if !t.is_live_gauge() && !self.folds.is_folded(&id) {
                         if let Err(e) = t.file.refresh(&mut self.keys) {
                             tracing::warn!(file = %name, "cannot read a dead Python file: {}", e.1);
                             continue;
@@ -525,39 +574,28 @@ impl Aggregator {
                             continue;
                         }
                         self.dead_since_rebuild += 1;
-                        self.folded.push(id.clone());
-                        self.folded_ever.insert(id.clone());
                     }
                     if let Some(t) = self.py.remove(&name) {
                         self.totals.python_files_compacted += 1;
-                        doomed.push((id, t.file.path().to_path_buf()));
+                        self.folds.record(&id, &name, t.file.path().to_path_buf());
                     }
                 }
                 _ => {}
             }
         }
-        if !doomed.is_empty() {
-            self.save_and_remove(doomed);
-        }
     }
 
     /// A temp file whose lock is free is the leftover of a writer that died while creating it.
+    /// Anything else under a temp name (a link, a FIFO, another user's file) is left alone.
     fn remove_stale_temp(&mut self, path: &Path) {
         if self.read_only {
             return;
         }
-        let old = std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > Duration::from_secs(10));
-        if !old {
-            return;
-        }
-        if let Ok(file) = std::fs::File::open(path) {
-            if file.try_lock().is_ok() {
-                let _ = std::fs::remove_file(path);
-            }
+        let Ok((file, meta)) = crate::trust::open_read(path, &self.trust) else { return };
+        let old =
+            meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > dir::TEMP_GRACE);
+        if old && file.try_lock().is_ok() {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -603,65 +641,39 @@ impl Aggregator {
     }
 
     fn fold(&mut self, dead: Vec<String>) {
-        if dead.is_empty() {
-            return;
-        }
-        let mut removed = Vec::new();
         for name in dead {
             let Some(mut t) = self.files.remove(&name) else { continue };
             let id = layout::file_id_hex(&t.file.file_id);
-            if !self.folded_ever.contains(&id) {
-                let merger = &mut self.merger;
-                let map = &t.series;
-                let read = t.file.for_each_values(|i, slots| {
-                    if let Some(&idx) = map.get(i) {
-                        if idx != SKIP && !merger.family_is_live(idx) {
-                            merger.archive_slots(idx, slots);
-                        }
+            if self.folds.is_folded(&id) {
+                continue; // cannot happen (folded files are not followed); never fold twice
+            }
+            let merger = &mut self.merger;
+            let map = &t.series;
+            let read = t.file.for_each_values(|i, slots| {
+                if let Some(&idx) = map.get(i) {
+                    if idx != SKIP && !merger.family_is_live(idx) {
+                        merger.archive_slots(idx, slots);
                     }
-                });
-                if let Err((reason, why)) = read {
-                    self.files.insert(name.clone(), t);
-                    self.mark_bad(&name, reason, &why);
-                    continue;
                 }
-                let flags = t.file.header_word(header::FLAGS);
-                self.totals.dead_workers += 1;
-                let clean = flags & layout::flags::CLEAN_EXIT != 0;
-                if !clean {
-                    self.totals.crashed_workers += 1;
-                }
-                if self.exits.len() < 10_000 {
-                    self.exits.push(Exit { pid: t.file.pid, clean });
-                }
-                self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
-                self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);
-                self.folded.push(id.clone());
-                self.folded_ever.insert(id.clone());
-                self.dead_since_rebuild += 1;
+            });
+            if let Err((reason, why)) = read {
+                self.files.insert(name.clone(), t);
+                self.mark_bad(&name, reason, &why);
+                continue;
             }
-            removed.push((id, t.file.path().to_path_buf()));
-        }
-        self.save_and_remove(removed);
-    }
-
-    /// Saves the archive, then removes the folded files. Persist first, then remove: a crash in
-    /// between leaves files whose ids the archive lists, which a later pass removes without
-    /// folding them again.
-    fn save_and_remove(&mut self, removed: Vec<(String, PathBuf)>) {
-        if let Err(e) = archive::save(&self.dir, &self.merger, &self.totals, &self.folded) {
-            tracing::error!("cannot save the archive, dead workers' files are kept until it works: {e}");
-            return;
-        }
-        for (id, p) in removed {
-            match std::fs::remove_file(&p) {
-                Ok(()) => self.folded.retain(|f| *f != id),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.folded.retain(|f| *f != id),
-                Err(e) => {
-                    // Kept in `folded` (and `folded_ever`): it is retried, never folded again.
-                    tracing::warn!(file = %p.display(), "cannot remove a dead worker's file: {e}");
-                }
+            let flags = t.file.header_word(header::FLAGS);
+            self.totals.dead_workers += 1;
+            let clean = flags & layout::flags::CLEAN_EXIT != 0;
+            if !clean {
+                self.totals.crashed_workers += 1;
             }
+            if self.exits.len() < 10_000 {
+                self.exits.push(Exit { pid: t.file.pid, clean });
+            }
+            self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
+            self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);
+            self.dead_since_rebuild += 1;
+            self.folds.record(&id, &name, t.file.path().to_path_buf());
         }
     }
 
@@ -732,9 +744,12 @@ impl Aggregator {
             one(&m.python_files, Value::F64(s.python_files as f64)),
             one(&m.python_processes, Value::F64(s.python_processes as f64)),
             one(&m.python_folded, Value::U64(s.totals.python_files_compacted)),
+            one(&m.save_errors, Value::U64(s.archive_save_errors)),
+            one(&m.corrupt_archives, Value::F64(s.corrupt_archives as f64)),
+            one(&m.pending_removal, Value::F64(s.pending_removal as f64)),
         ];
         let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
-        for reason in [BadReason::Corrupt, BadReason::Foreign, BadReason::Truncated, BadReason::Version] {
+        for reason in BadReason::ALL {
             let n = s.bad_files.get(&reason).copied().unwrap_or(0);
             let labels = Arc::new(LabelSet::new(vec![("reason".to_string(), reason.as_str().to_string())]));
             bad.series.push((labels, Value::F64(n as f64)));
@@ -742,6 +757,19 @@ impl Aggregator {
         fams.push(bad);
         fams.sort_by(|a, b| a.meta.desc.name.cmp(&b.meta.desc.name));
         snap.families.extend(fams);
+    }
+}
+
+impl Drop for Aggregator {
+    /// A last save at shutdown, so that what only the in-memory archive holds (CPU time of gone
+    /// processes) survives a graceful restart. Folded files are safe either way: until an archive
+    /// recording them is saved, they stay in the directory and the next aggregator folds them.
+    fn drop(&mut self) {
+        if !self.read_only && self.folds.is_dirty() {
+            let (dir, merger, totals) = (&self.dir, &self.merger, &self.totals);
+            self.folds.save(|folded| archive::save(dir, merger, totals, folded));
+            self.folds.remove_saved();
+        }
     }
 }
 
@@ -790,8 +818,21 @@ fn map_new(merger: &mut Merger, t: &mut Tracked, conflicts: &mut usize) {
     }
 }
 
+/// Size and modification time of a directory entry itself (a link is not followed).
 fn stamp(path: &Path) -> (u64, Option<SystemTime>) {
-    std::fs::metadata(path).map_or((0, None), |m| (m.len(), m.modified().ok()))
+    std::fs::symlink_metadata(path).map_or((0, None), |m| (m.len(), m.modified().ok()))
+}
+
+/// Removes temporary archives left by an aggregator that died while saving (only an aggregator
+/// holding the lock writes them, so any present now is such a leftover).
+fn remove_archive_temps(dir: &Path, trust: &Trust) {
+    let Ok(names) = dir::list(dir) else { return };
+    for n in names.iter().filter(|n| crate::trust::is_replace_temp(n, dir::ARCHIVE_FILE)) {
+        let p = dir.join(n);
+        if crate::trust::open_read(&p, trust).is_ok() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
 }
 
 /// Descriptions of the aggregator's own metrics.
@@ -812,6 +853,9 @@ struct SelfMeta {
     python_files: Arc<FamilyMeta>,
     python_processes: Arc<FamilyMeta>,
     python_folded: Arc<FamilyMeta>,
+    save_errors: Arc<FamilyMeta>,
+    corrupt_archives: Arc<FamilyMeta>,
+    pending_removal: Arc<FamilyMeta>,
 }
 
 fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
@@ -903,6 +947,24 @@ impl SelfMeta {
                 "shmetrics_python_files_compacted",
                 "Dead Python processes' files folded into the archive (--compact-python).",
                 Counter,
+                &[],
+            ),
+            save_errors: meta(
+                "shmetrics_archive_save_errors",
+                "Archive saves that failed (disk full, I/O errors); dead workers' files are kept until one works.",
+                Counter,
+                &[],
+            ),
+            corrupt_archives: meta(
+                "shmetrics_archive_corrupt_files",
+                "Unusable archives set aside at start-up (archive.json.corrupt-*) still in the directory.",
+                Gauge,
+                &[],
+            ),
+            pending_removal: meta(
+                "shmetrics_files_pending_removal",
+                "Dead workers' files folded into the archive and waiting for it to be saved before removal.",
+                Gauge,
                 &[],
             ),
         }

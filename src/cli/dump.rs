@@ -32,10 +32,13 @@ pub struct DumpArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "prometheus")]
     format: DumpFormat,
+    /// Accept a directory owned by another user or writable by others (see `serve --help`).
+    #[arg(long)]
+    shared_dir: bool,
 }
 
 pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
-    let opts = Options { read_only: true, ..Options::default() };
+    let opts = Options { read_only: true, shared_dir: args.shared_dir, ..Options::default() };
     let mut agg = Aggregator::open(&args.dir, &opts)?;
     let snap = agg.scrape();
     let out = match args.format {

@@ -72,6 +72,11 @@ struct AggregatorArgs {
     /// directory stays bounded under worker churn (gunicorn max_requests).
     #[arg(long)]
     compact_python: bool,
+    /// Accept a directory owned by another user or writable by group or others (deliberately shared
+    /// between users, e.g. containers running as different uids). Files in it are still used only
+    /// if they belong to this user or to the directory's owner.
+    #[arg(long)]
+    shared_dir: bool,
     /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
     #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
     upkeep_interval: f64,
@@ -132,6 +137,7 @@ impl AggregatorArgs {
             wipe: self.wipe,
             keep: self.keep,
             compact_python: self.compact_python,
+            shared_dir: self.shared_dir,
         }
     }
 

@@ -167,9 +167,17 @@ fn garbage_truncated_and_foreign_files_are_skipped_and_counted() {
     std::fs::DirBuilder::new().mode(0o700).create(staging.join(subdir)).expect("mkdir");
     std::fs::rename(staging.join(subdir), dir.join(subdir)).expect("rename dir");
 
-    // A directory named like a worker file is not a shmetrics file at all: foreign.
-    let expected: BTreeMap<&str, f64> =
-        [("foreign", 3.0), ("version", 1.0), ("truncated", 3.0), ("corrupt", 0.0)].into_iter().collect();
+    // A directory named like a worker file is not opened at all: not a regular file.
+    let expected: BTreeMap<&str, f64> = [
+        ("foreign", 2.0),
+        ("version", 1.0),
+        ("truncated", 3.0),
+        ("corrupt", 0.0),
+        ("not_regular", 1.0),
+        ("owner", 0.0),
+    ]
+    .into_iter()
+    .collect();
 
     for round in 0..2 {
         let r = util::http_get(env.addr(), "/metrics", &[]);
