@@ -167,6 +167,9 @@ impl Folds {
             self.doomed.remove(&name);
             self.pending.remove(&id);
             self.saved.remove(&id);
+            // The next save drops the id from the archive's list: it stays as short as the files
+            // actually waiting for removal.
+            self.dirty = true;
         }
     }
 
@@ -223,6 +226,7 @@ mod tests {
         f.remove_saved();
         assert!(!p.exists());
         assert!(f.pending().is_empty(), "a removed file's id is not persisted any more");
+        assert!(f.is_dirty(), "and the next save writes the shorter list");
         assert!(f.is_folded("aa"), "but remembered for a while");
     }
 
