@@ -33,6 +33,10 @@ pub struct Totals {
     /// Python prometheus_client files removed by `--compact-python`.
     #[serde(default)]
     pub python_files_compacted: u64,
+    /// Forked children that wrote into folded files because they could not create their own
+    /// (header `shared_forks`).
+    #[serde(default)]
+    pub shared_forks: u64,
 }
 
 #[derive(Serialize, Deserialize)]
