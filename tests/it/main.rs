@@ -6,6 +6,7 @@ mod alarm_actions;
 mod alarms;
 mod dir_rules;
 mod formats;
+mod full_disk;
 mod layout_doc;
 mod monitor;
 mod ops;
