@@ -19,6 +19,30 @@
 //! Options: `--workers W` (4), `--series S` (10), `--histograms H` (1), `--incs K` (1),
 //! `--master-incs M` (0), `--hold`, `--hog-mb N` (worker 0 holds N MiB of resident memory).
 //!
+//! Options for full-disk tests (every worker waits until all are forked before it writes, so they
+//! all see the disk in the same state):
+//! - `--fill PATH`: after registering (its file exists) and before forking, the master fills the
+//!   file system of `PATH` by writing a new file `PATH` until `ENOSPC`, then frees
+//!   `--fill-leave-kib L` KiB (0) of it again. It prints `workload: filled PATH: <n> bytes free` on
+//!   stderr (from `statvfs`).
+//! - `--new-series N`: in every round (below) a worker also registers, after the fork, `N` new series
+//!   `wl_requests_total{route="/new<w>-<n>"}` (`n` in `0..N`) and, if `N` > 0, the new unlabelled
+//!   counter `wl_late_total`, and calls `inc()` `K` times on each: `K·(N+1)` unit updates a round.
+//! - `--grandchildren G`: after its round, a worker forks `G` grandchildren one after the other;
+//!   each does one round as worker `w` and exits (0), and the worker waits for it. With
+//!   `--free-before-grandchildren` the worker first removes the `--fill` file (if still there).
+//! - `--orphan`: the master exits (0) right after `READY` without waiting for its workers; the
+//!   workers, which then do not die with it, wait until it is gone, do one more round, and exit
+//!   (with `--hold`: wait for SIGTERM/SIGINT first). With `--master-crash` the master instead
+//!   kills itself with SIGKILL (so its file is not marked as cleanly exited).
+//! - `--ready`: every worker and grandchild calls `set_ready(true)` after each round (the master
+//!   never does).
+//!
+//! A *round* is everything the table below says a worker writes. Without these options a worker
+//! does one round; with them it does `R = 1 + G + (1 if --orphan)` rounds (counting its
+//! grandchildren's), so every counter and histogram figure below is multiplied by `R`, and each
+//! `/new<w>-<n>` series and `wl_late_total` per worker is `R·K`.
+//!
 //! # Expected values
 //!
 //! Worker `w` is 0-based; `i` ranges over `0..S` and `j` over `0..H`; route labels are `/r<i>`
@@ -53,7 +77,9 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::time::Duration;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -62,7 +88,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 use shmetrics::layout::GaugeMode;
-use shmetrics::writer::{Counter, CounterF64, Gauge, Histogram, Registry};
+use shmetrics::writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry};
 
 #[derive(Parser, Debug)]
 #[command(about = "A deterministic multi-process shmetrics workload for integration tests")]
@@ -89,13 +115,38 @@ struct Args {
     /// memory alarm tests).
     #[arg(long, default_value_t = 0)]
     hog_mb: usize,
+    /// Fill the file system of this (new) file after registering, before forking.
+    #[arg(long)]
+    fill: Option<PathBuf>,
+    /// KiB to free again after filling.
+    #[arg(long, default_value_t = 0)]
+    fill_leave_kib: u64,
+    /// New series (and one new metric) each worker registers after the fork (N).
+    #[arg(long, default_value_t = 0)]
+    new_series: u64,
+    /// Grandchildren each worker forks after its round (G).
+    #[arg(long, default_value_t = 0)]
+    grandchildren: u64,
+    /// Workers remove the --fill file before forking grandchildren.
+    #[arg(long)]
+    free_before_grandchildren: bool,
+    /// The master exits after READY; workers do another round once it is gone.
+    #[arg(long)]
+    orphan: bool,
+    /// With --orphan: the master SIGKILLs itself instead of exiting.
+    #[arg(long)]
+    master_crash: bool,
+    /// Workers and grandchildren declare themselves ready after each round.
+    #[arg(long)]
+    ready: bool,
 }
 
 /// Forks the process.
 #[allow(unsafe_code)]
 fn fork() -> nix::Result<ForkResult> {
-    // SAFETY: the master forks from its main thread and never starts another thread, so the child
-    // is a copy of a single-threaded process and may do anything it likes.
+    // SAFETY: the master (and a worker, for its grandchildren) forks from its main thread and never
+    // starts another thread, so the child is a copy of a single-threaded process and may do
+    // anything it likes.
     unsafe { nix::unistd::fork() }
 }
 
@@ -109,6 +160,7 @@ struct Series {
 
 /// Every handle, created in the master before forking.
 struct Handles {
+    requests: Family<Counter>,
     series: Vec<Series>,
     recent: Gauge,
     bytes: CounterF64,
@@ -141,7 +193,7 @@ impl Handles {
         for j in 0..args.histograms {
             hists.push(latency.with_labels(&[format!("/h{j}").as_str()])?);
         }
-        Ok(Handles { series, recent, bytes, latency: hists })
+        Ok(Handles { requests, series, recent, bytes, latency: hists })
     }
 }
 
@@ -170,6 +222,12 @@ fn main() -> Result<()> {
         }
     }
 
+    if let Some(path) = &args.fill {
+        let free =
+            fill(path, args.fill_leave_kib << 10).with_context(|| format!("filling {}", path.display()))?;
+        eprintln!("workload: filled {}: {free} bytes free", path.display());
+    }
+
     // With --hold the master waits for signals with sigwait: block them before forking, so none is
     // lost and the workers inherit the mask (they sigwait too).
     let mut master_set = stop_signals();
@@ -178,15 +236,22 @@ fn main() -> Result<()> {
         master_set.thread_block()?;
     }
 
+    let master = nix::unistd::getpid();
     let (rd, wr) = nix::unistd::pipe()?;
+    // The master writes one byte per worker once all are forked: the start signal.
+    let (go_rd, go_wr) = nix::unistd::pipe()?;
     let mut pids = Vec::new();
     for w in 0..args.workers {
         match fork() {
             Ok(ForkResult::Child) => {
                 drop(rd);
-                // Die with the master (a test harness may SIGKILL it): no orphaned workers.
-                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-                let code = match run_worker(w, &args, &handles, File::from(wr)) {
+                drop(go_wr);
+                if !args.orphan {
+                    // Die with the master (a test harness may SIGKILL it): no orphaned workers.
+                    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                }
+                let pipes = (File::from(go_rd), File::from(wr));
+                let code = match run_worker(w, &args, &handles, pipes, master) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("workload: worker {w}: {e:#}");
@@ -197,6 +262,7 @@ fn main() -> Result<()> {
             }
             Ok(ForkResult::Parent { child }) => pids.push(child),
             Err(e) => {
+                drop(go_wr); // EOF: the workers forked so far give up
                 stop(&pids, Signal::SIGTERM);
                 reap_all(&pids);
                 bail!("fork: {e}");
@@ -204,6 +270,8 @@ fn main() -> Result<()> {
         }
     }
     drop(wr);
+    drop(go_rd);
+    File::from(go_wr).write_all(&vec![1u8; args.workers as usize]).context("starting the workers")?;
 
     // Every worker writes one byte when it is done; EOF first means one died before finishing.
     let mut rd = File::from(rd);
@@ -234,6 +302,12 @@ fn main() -> Result<()> {
     writeln!(out, "{line}")?;
     out.flush()?;
     drop(out);
+    if args.orphan {
+        if args.master_crash {
+            kill(master, Signal::SIGKILL).context("SIGKILL the master")?;
+        }
+        return Ok(());
+    }
 
     let statuses = if args.hold { wait_forwarding(&pids, &master_set)? } else { reap_all(&pids) };
     let failed: Vec<String> = statuses.iter().filter_map(failure).collect();
@@ -243,10 +317,63 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Worker `w`'s updates (see the module documentation for the closed forms).
-fn run_worker(w: u64, args: &Args, h: &Handles, mut done: File) -> Result<()> {
+/// Worker `w`: waits for the start signal, does its rounds (see the module documentation), reports
+/// on `done`.
+fn run_worker(w: u64, args: &Args, h: &Handles, (mut go, mut done): (File, File), master: Pid) -> Result<()> {
+    let mut byte = [0u8; 1];
+    go.read_exact(&mut byte).context("waiting for the start signal")?;
+    drop(go);
     // Kept alive until the worker exits: resident, since every page is written.
     let _hog: Vec<u8> = if w == 0 { vec![1u8; args.hog_mb << 20] } else { Vec::new() };
+    round(w, args, h)?;
+    if args.free_before_grandchildren {
+        if let Some(path) = &args.fill {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e).context("removing the fill file"),
+                _ => {}
+            }
+        }
+    }
+    for g in 0..args.grandchildren {
+        match fork().context("fork")? {
+            ForkResult::Child => {
+                let code = match round(w, args, h) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("workload: grandchild {g} of worker {w}: {e:#}");
+                        1
+                    }
+                };
+                std::process::exit(code);
+            }
+            ForkResult::Parent { child } => {
+                let status = reap_all(&[child]);
+                if let Some(f) = status.iter().find_map(failure) {
+                    bail!("grandchild {g}: {f}");
+                }
+            }
+        }
+    }
+    done.write_all(&[1]).context("writing the pipe")?;
+    drop(done);
+    if args.orphan {
+        let start = Instant::now();
+        while nix::unistd::getppid() == master {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the master did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        round(w, args, h)?;
+    }
+    if args.hold {
+        stop_signals().wait().context("sigwait")?;
+    }
+    Ok(())
+}
+
+/// One round of worker `w`'s updates (see the module documentation for the closed forms).
+fn round(w: u64, args: &Args, h: &Handles) -> Result<()> {
     let k = args.incs;
     let n = w + 1;
     for (i, s) in (1u64..).zip(&h.series) {
@@ -267,12 +394,50 @@ fn run_worker(w: u64, args: &Args, h: &Handles, mut done: File) -> Result<()> {
             hist.observe(0.05 * n as f64);
         }
     }
-    done.write_all(&[1]).context("writing the pipe")?;
-    drop(done);
-    if args.hold {
-        stop_signals().wait().context("sigwait")?;
+    if args.new_series > 0 {
+        let mut late = vec![Registry::global().counter("wl_late_total", "Registered by workers.")?];
+        for i in 0..args.new_series {
+            late.push(h.requests.with_labels(&[format!("/new{w}-{i}").as_str()])?);
+        }
+        for c in &late {
+            for _ in 0..k {
+                c.inc();
+            }
+        }
+    }
+    if args.ready {
+        Registry::global().set_ready(true);
     }
     Ok(())
+}
+
+/// Writes a new file at `path` until its file system is full, then frees `leave` bytes of it again.
+/// Returns the bytes free afterwards (`statvfs`).
+fn fill(path: &Path, leave: u64) -> Result<u64> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)?;
+    // Not zeros: some file systems would not allocate them.
+    let chunk = vec![0xa5u8; 64 << 10];
+    let mut len = 0u64;
+    for size in [chunk.len(), 4096, 512] {
+        loop {
+            match f.write(&chunk[..size]) {
+                Ok(0) => break,
+                Ok(n) => len += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    f.set_len(len.saturating_sub(leave))?;
+    f.sync_all()?;
+    let st = nix::sys::statvfs::fstatvfs(&f)?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Sends `sig` to every pid in `pids` that still exists.

@@ -54,6 +54,10 @@ pub struct Totals {
     /// process (pid and start time in clock ticks): not the job's, so left out of its total.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_bases: Vec<(i32, u64, f64)>,
+    /// Forked children that wrote into folded files because they could not create their own
+    /// (header `shared_forks`).
+    #[serde(default)]
+    pub shared_forks: u64,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -56,6 +56,8 @@
 //! Invalid names, wrong label counts and conflicting re-registrations return an [`Error`]. A full
 //! file or a full disk never takes the application down: the update is dropped and counted, and the
 //! aggregator exposes the count (`shmetrics_dropped_series_total`, `shmetrics_dropped_updates_total`).
+//! A forked child that cannot create its file on a full disk writes into its parent's instead (see
+//! [`writer`]).
 //!
 //! ## The data flow, module by module
 //!

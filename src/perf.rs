@@ -231,6 +231,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "bad_files": bad,
             "dropped_series": stats.totals.dropped_series + stats.live_dropped_series,
             "dropped_updates": stats.totals.dropped_updates + stats.live_dropped_updates,
+            "shared_forks": stats.totals.shared_forks + stats.live_shared_forks,
             "conflicts": stats.conflicts,
         },
         "scrape": {

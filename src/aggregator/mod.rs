@@ -100,6 +100,8 @@ pub struct Stats {
     pub live_dropped_series: u64,
     /// See `live_dropped_series`.
     pub live_dropped_updates: u64,
+    /// Forked children writing into live files because they could not create their own.
+    pub live_shared_forks: u64,
     /// Python prometheus_client files followed.
     pub python_files: usize,
     /// Distinct live processes among the Python files.
@@ -672,6 +674,7 @@ impl Aggregator {
             }
             self.totals.dropped_series += t.file.header_word(header::DROPPED_SERIES);
             self.totals.dropped_updates += t.file.header_word(header::DROPPED_UPDATES);
+            self.totals.shared_forks += t.file.header_word(header::SHARED_FORKS);
             self.dead_since_rebuild += 1;
             self.folds.record(&id, &name, t.file.path().to_path_buf());
         }
@@ -695,6 +698,8 @@ impl Aggregator {
             self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_SERIES)).sum();
         self.stats.live_dropped_updates =
             self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_UPDATES)).sum();
+        self.stats.live_shared_forks =
+            self.files.values_mut().map(|t| t.file.header_word(header::SHARED_FORKS)).sum();
         self.stats.totals = self.totals.clone();
         self.ever_seen |= !workers.is_empty() || self.stats.python_processes > 0;
         self.workers = workers;
@@ -741,6 +746,7 @@ impl Aggregator {
             one(&m.bad_events, Value::U64(s.bad_file_events)),
             one(&m.dropped_series, Value::U64(s.totals.dropped_series + s.live_dropped_series)),
             one(&m.dropped_updates, Value::U64(s.totals.dropped_updates + s.live_dropped_updates)),
+            one(&m.shared_forks, Value::U64(s.totals.shared_forks + s.live_shared_forks)),
             one(&m.python_files, Value::F64(s.python_files as f64)),
             one(&m.python_processes, Value::F64(s.python_processes as f64)),
             one(&m.python_folded, Value::U64(s.totals.python_files_compacted)),
@@ -850,6 +856,7 @@ struct SelfMeta {
     bad_events: Arc<FamilyMeta>,
     dropped_series: Arc<FamilyMeta>,
     dropped_updates: Arc<FamilyMeta>,
+    shared_forks: Arc<FamilyMeta>,
     python_files: Arc<FamilyMeta>,
     python_processes: Arc<FamilyMeta>,
     python_folded: Arc<FamilyMeta>,
@@ -928,6 +935,12 @@ impl SelfMeta {
             dropped_updates: meta(
                 "shmetrics_dropped_updates",
                 "Updates workers dropped because their series had no room.",
+                Counter,
+                &[],
+            ),
+            shared_forks: meta(
+                "shmetrics_shared_forks",
+                "Forked workers that could not create their own file (disk full) and write into their parent's.",
                 Counter,
                 &[],
             ),

@@ -48,8 +48,11 @@ pub mod header {
     pub const RESERVE: u64 = 80;
     /// `u64` — pid of the process this one was forked from, 0 if none.
     pub const PARENT_PID: u64 = 88;
+    /// `u64`, atomic — forked children that could not create a file of their own and write into
+    /// this one (`shm-layout.md` section 9.4). Zero in files of writers that predate the field.
+    pub const SHARED_FORKS: u64 = 96;
     /// First byte past the defined fields; the rest of the header is zero.
-    pub const END: u64 = 96;
+    pub const END: u64 = 104;
 }
 
 /// Bits of the header's `flags` word.
@@ -591,6 +594,8 @@ pub struct Header {
     pub reserve: u64,
     /// Pid of the forking parent, or 0.
     pub parent_pid: u64,
+    /// Forked children that write into this file because they could not create their own.
+    pub shared_forks: u64,
 }
 
 /// Builds the bytes of a fresh header (`used` = [`HEADER_SIZE`], flags clear).

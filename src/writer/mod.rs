@@ -9,7 +9,9 @@
 //! Fork safety is automatic: a process that registers metrics and then forks (gunicorn
 //! `preload_app`, uWSGI without `lazy-apps`, a Rust master that forks) gives each child its own file,
 //! with the same metrics and zeroed values, mapped at the same address, so handles taken before the
-//! fork keep working in the child and nothing is counted twice.
+//! fork keep working in the child and nothing is counted twice. A child that cannot create its file
+//! (a full disk) writes into its parent's file instead, where its updates are merged once; what it
+//! cannot record there (new metrics and label sets) is counted as dropped. It says so on stderr.
 
 mod store;
 
@@ -138,8 +140,11 @@ impl Registry {
     }
 
     /// Declares this process ready (or not) to serve; the aggregator's health check reads it.
+    ///
+    /// Does nothing in a forked child that writes into its parent's file (see
+    /// [`Registry::degraded`]): the flag there is the parent's.
     pub fn set_ready(&self, ready: bool) {
-        if let Some(s) = self.store {
+        if let Some(s) = self.store.filter(|s| !s.is_shared()) {
             let flags = s.header_atomic(header::FLAGS);
             if ready {
                 flags.fetch_or(layout::flags::READY, Ordering::Release);
@@ -159,14 +164,20 @@ impl Registry {
         self.store.map_or(0, |s| s.header_atomic(header::DROPPED_UPDATES).load(Ordering::Relaxed))
     }
 
-    /// Why the registry is writing to private memory although a directory was given, if it is.
+    /// Why the registry has no file of its own although a directory was given, if so: after a fork
+    /// whose file could not be created (a full disk), the child writes into its parent's file —
+    /// series registered before the fork are exported, new ones are dropped and counted.
     pub fn degraded(&self) -> Option<String> {
-        self.store.and_then(|s| s.lock().degraded.clone())
+        self.store.and_then(|s| {
+            s.flush_log();
+            s.lock().degraded.clone()
+        })
     }
 
     fn register(&self, desc: MetricDesc) -> Result<u32> {
         layout::validate_desc(&desc)?;
         let Some(store) = self.store else { return Ok(0) };
+        store.flush_log();
         let mut st = store.lock();
         if let Some(&id) = st.registry.by_name.get(&desc.name) {
             let existing = &st.registry.metrics[id as usize].desc;
@@ -263,6 +274,7 @@ impl Registry {
         let Some(store) = self.store else {
             return Ok((Slots::scratch(None, SCRATCH.len()), &[]));
         };
+        store.flush_log();
         let mut guard = store.lock();
         let st: &mut StoreState = &mut guard;
         let unknown = || Error::Corrupt(format!("unknown metric id {id}"));

@@ -10,6 +10,20 @@
 //!    maps it over the parent's mapping at the same address.
 //! 4. on a normal exit, set the clean-exit flag. The lock goes away with the process, however it dies;
 //!    that is how the aggregator knows the writer is gone, even across pid reuse and pid namespaces.
+//!
+//! When step 3 fails (typically a full disk: the child's 64 KiB cannot be allocated) the child
+//! *shares* its parent's file instead of losing its updates: it keeps the inherited `MAP_SHARED`
+//! mapping, so every update of a series registered before the fork is an atomic add into the one
+//! copy of the slots the aggregator merges — counted once, never lost. It keeps the inherited
+//! descriptor open too: the `flock` belongs to the open file description, so the file stays
+//! locked, and its final values unfolded, until the parent *and* every sharing child are gone.
+//! A sharing child never appends (its registration lock is not the parent's, so two appenders would
+//! corrupt the log): a new metric or label set is refused and counted in the shared header's
+//! `dropped_series`, and its updates in `dropped_updates`. It never touches the parent's flags
+//! (`READY`, `CLEAN_EXIT`) and counts itself in the header's `shared_forks`. It says so on stderr
+//! once, with a raw `write(2)`: after a fork only the forking thread exists, and a lock another
+//! thread held at that moment (stderr's, a tracing subscriber's) stays locked in the child forever.
+//! The `tracing` event is therefore deferred to the child's next registration, outside any lock.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -18,7 +32,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, PoisonError};
 
 use crate::layout::{self, header, region::Region, HEADER_SIZE};
@@ -34,6 +48,11 @@ const MAX_GROWTH: u64 = 8 << 20;
 enum Backing {
     /// A published file in a multiproc directory, locked for the process's lifetime.
     File { dir: PathBuf, lock: File, file_id: [u8; 16] },
+    /// A forked child that could not create a file of its own: it writes into the file it
+    /// inherited (named after `owner_pid`, its parent or an earlier ancestor) through the inherited
+    /// mapping, and keeps the inherited descriptor — and with it the file's lock — open. Nothing is
+    /// ever appended to that file from here.
+    Shared { dir: PathBuf, lock: File, file_id: [u8; 16], owner_pid: u64 },
     /// Private memory: no directory configured, or the file could not be created.
     Memory,
 }
@@ -47,8 +66,10 @@ pub(crate) struct StoreState {
     size: u64,
     /// Pid of the process this state belongs to.
     pid: u64,
-    /// The last error that forced the store into memory, for diagnostics.
+    /// Why the store has no file of its own (private memory, or sharing its parent's), if so.
     pub(crate) degraded: Option<String>,
+    /// A message for `tracing` that the fork hook could not log safely; see [`Store::flush_log`].
+    pending_log: Option<String>,
     /// Registry data (metric table); lives under the same lock so fork sees it consistent.
     pub(crate) registry: super::RegistryState,
 }
@@ -58,6 +79,11 @@ pub(crate) struct Store {
     pub(crate) region: Region,
     reserve: u64,
     state: Mutex<StoreState>,
+    /// The store shares its parent's file ([`Backing::Shared`]). Outside the lock, for the exit
+    /// hook (which must not block) and `set_ready`.
+    shared: AtomicBool,
+    /// `pending_log` holds a message; checked without the lock on registration.
+    log_pending: AtomicBool,
 }
 
 /// Every store of this process, for the fork and exit hooks.
@@ -147,8 +173,11 @@ impl Store {
                 size,
                 pid,
                 degraded: None,
+                pending_log: None,
                 registry: super::RegistryState::default(),
             }),
+            shared: AtomicBool::new(false),
+            log_pending: AtomicBool::new(false),
         };
         Ok(Store::leak(store))
     }
@@ -185,13 +214,41 @@ impl Store {
         let st = self.lock();
         match &st.backing {
             Backing::File { dir, file_id, .. } => Some(dir.join(layout::file_name(st.pid, file_id))),
+            Backing::Shared { dir, file_id, owner_pid, .. } => {
+                Some(dir.join(layout::file_name(*owner_pid, file_id)))
+            }
             Backing::Memory => None,
+        }
+    }
+
+    /// Whether this store writes into its parent's file (see the module docs). Such a store must
+    /// not change the file's flags, which belong to the file's own writer.
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Acquire)
+    }
+
+    /// Logs, through `tracing`, what the fork hook could only write to stderr. Called on the
+    /// registration path, before the store lock is taken: a subscriber may itself update metrics.
+    pub(crate) fn flush_log(&self) {
+        if self.log_pending.load(Ordering::Relaxed) {
+            let msg = {
+                let mut st = self.lock();
+                self.log_pending.store(false, Ordering::Relaxed);
+                st.pending_log.take()
+            };
+            if let Some(msg) = msg {
+                tracing::error!("{msg}");
+            }
         }
     }
 
     /// Appends a record and publishes it; returns its offset, or `None` when the file (or the disk)
     /// is full — the caller then hands out a scratch handle and counts the drop.
     pub(crate) fn append(&self, st: &mut StoreState, record: &[u8]) -> Option<u64> {
+        if matches!(st.backing, Backing::Shared { .. }) {
+            // Another process appends to this file under its own lock.
+            return None;
+        }
         let off = st.used;
         let need = off.checked_add(record.len() as u64)?;
         if need > self.reserve {
@@ -217,43 +274,121 @@ impl Store {
     }
 
     /// Moves this store onto a new file after `fork` (we are the child; the state lock is held by
-    /// the prepare hook, so `st` is consistent and no other thread exists).
+    /// the prepare hook, so `st` is consistent and no other thread exists). If the child's file
+    /// cannot be created or mapped, the store shares the file it inherited instead.
     fn after_fork(&self, st: &mut StoreState) {
         let parent_pid = st.pid;
         st.pid = u64::from(std::process::id());
-        let Backing::File { dir, .. } = &st.backing else {
-            return; // private memory is copied by fork; nothing is shared
+        let dir = match &st.backing {
+            Backing::File { dir, .. } | Backing::Shared { dir, .. } => dir.clone(),
+            Backing::Memory => return, // private memory is copied by fork; nothing is shared
         };
-        let dir = dir.clone();
+        // Only the records this process's registry knows, up to its own `used`: a sharing parent's
+        // file may have grown since (by its owner), and copying more would put metric ids out of
+        // sequence with the registry.
         let mut records = Vec::new();
         let copied = self.region.copy_out(HEADER_SIZE, (st.used - HEADER_SIZE) as usize, &mut records);
         // Zero the parent's values in the copy *before* the file is published: a reader must never
         // see the child's file holding the parent's values (they would be counted twice).
         zero_slots(&mut records);
-        let moved = copied.and_then(|()| {
-            let (lock, file_id, size) = create_file(&dir, st.pid, parent_pid, self.reserve, &records)?;
-            self.region.remap_fixed(Some(lock.as_fd()))?;
-            Ok((lock, file_id, size))
-        });
-        match moved {
-            Ok((lock, file_id, size)) => {
-                let inherited = std::mem::replace(&mut st.backing, Backing::File { dir, lock, file_id });
-                release_inherited(inherited);
-                st.size = size;
-            }
-            Err(e) => {
-                // Keep the application running on private memory: handles stay valid, values are
-                // not exported. The records must be put back, since the remap may have replaced
-                // them with zeros.
-                let _ = self.region.remap_fixed(None);
-                let head = layout::encode_header(st.pid, parent_pid, now_ns(), [0; 16], self.reserve);
-                let _ = self.region.write_bytes(0, &head);
-                let _ = self.region.write_bytes(HEADER_SIZE, &records);
-                self.header_atomic(header::USED).store(st.used, Ordering::Release);
-                release_inherited(std::mem::replace(&mut st.backing, Backing::Memory));
-                st.size = self.reserve;
-                st.degraded = Some(format!("after fork: {e}"));
-            }
+        let created = copied.and_then(|()| create_file(&dir, st.pid, parent_pid, self.reserve, &records));
+        let err = match created {
+            Ok((lock, file_id, size)) => match self.region.remap_fixed(Some(lock.as_fd())) {
+                Ok(()) => {
+                    let inherited = std::mem::replace(&mut st.backing, Backing::File { dir, lock, file_id });
+                    release_inherited(inherited);
+                    st.size = size;
+                    st.degraded = None;
+                    st.pending_log = None;
+                    self.log_pending.store(false, Ordering::Relaxed);
+                    self.shared.store(false, Ordering::Release);
+                    return;
+                }
+                Err(e) => {
+                    // Published but not mapped: withdraw the file (it holds only zeros) and put
+                    // the inherited file back under the mapping, which MAP_FIXED may have dropped.
+                    let _ = std::fs::remove_file(dir.join(layout::file_name(st.pid, &file_id)));
+                    drop(lock);
+                    let restored = match &st.backing {
+                        Backing::File { lock, .. } | Backing::Shared { lock, .. } => {
+                            self.region.remap_fixed(Some(lock.as_fd()))
+                        }
+                        Backing::Memory => Err(io::Error::other("no inherited file")),
+                    };
+                    if let Err(e2) = restored {
+                        self.to_memory(st, parent_pid, &records, &format!("{e}; then {e2}"));
+                        return;
+                    }
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        self.share(st, parent_pid, &dir, &err);
+    }
+
+    /// Makes this (forked) store write into the file it inherited; see the module docs.
+    fn share(&self, st: &mut StoreState, parent_pid: u64, dir: &Path, err: &io::Error) {
+        let (lock, file_id, owner_pid) = match std::mem::replace(&mut st.backing, Backing::Memory) {
+            Backing::File { lock, file_id, .. } => (lock, file_id, parent_pid),
+            Backing::Shared { lock, file_id, owner_pid, .. } => (lock, file_id, owner_pid),
+            Backing::Memory => return,
+        };
+        let name = layout::file_name(owner_pid, &file_id);
+        st.backing = Backing::Shared { dir: dir.to_path_buf(), lock, file_id, owner_pid };
+        self.shared.store(true, Ordering::Release);
+        self.header_atomic(header::SHARED_FORKS).fetch_add(1, Ordering::Relaxed);
+        let msg = format!(
+            "shmetrics: pid {pid} cannot create a metrics file of its own in {dir} after fork ({err}); \
+             its updates go into the file it inherited, {name} (pid {owner_pid}); metrics and label \
+             sets it registers from now on are dropped and counted \
+             (shmetrics_dropped_series_total, shmetrics_dropped_updates_total)",
+            pid = st.pid,
+            dir = dir.display(),
+        );
+        write_stderr(&msg);
+        st.degraded = Some(msg.clone());
+        st.pending_log = Some(msg);
+        self.log_pending.store(true, Ordering::Relaxed);
+    }
+
+    /// Last resort after `fork`, when not even the inherited file can be mapped again: private
+    /// memory, as for a process whose first file could not be created. Its values are not exported.
+    fn to_memory(&self, st: &mut StoreState, parent_pid: u64, records: &[u8], why: &str) {
+        // The records must be put back, since the remap may have replaced them with zeros.
+        let _ = self.region.remap_fixed(None);
+        let head = layout::encode_header(st.pid, parent_pid, now_ns(), [0; 16], self.reserve);
+        let _ = self.region.write_bytes(0, &head);
+        let _ = self.region.write_bytes(HEADER_SIZE, records);
+        self.header_atomic(header::USED).store(st.used, Ordering::Release);
+        release_inherited(std::mem::replace(&mut st.backing, Backing::Memory));
+        st.size = self.reserve;
+        self.shared.store(false, Ordering::Release);
+        let msg = format!(
+            "shmetrics: pid {} cannot map a metrics file after fork ({why}); its metrics are kept in \
+             private memory and not exported",
+            st.pid
+        );
+        write_stderr(&msg);
+        st.degraded = Some(msg.clone());
+        st.pending_log = Some(msg);
+        self.log_pending.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Writes one line to stderr with plain `write(2)` calls: safe in a fork child, where the lock of
+/// `std::io::stderr()` may be held forever by a thread that does not exist there.
+fn write_stderr(msg: &str) {
+    let mut line = Vec::with_capacity(msg.len() + 1);
+    line.extend_from_slice(msg.as_bytes());
+    line.push(b'\n');
+    let mut rest = line.as_slice();
+    while !rest.is_empty() {
+        match nix::unistd::write(std::io::stderr(), rest) {
+            Ok(0) => return,
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }
@@ -279,10 +414,10 @@ fn zero_slots(records: &mut [u8]) {
     }
 }
 
-/// Closes a forked child's copy of its parent's file descriptor. It must *not* unlock: `flock` locks
-/// belong to the open file description, which parent and child share, so `LOCK_UN` here would
-/// release the parent's lock and make a live parent look dead. Closing one descriptor does not
-/// release the lock while the parent holds another.
+/// Closes a forked child's copy of its parent's file descriptor (or of the file the parent shared).
+/// It must *not* unlock: `flock` locks belong to the open file description, which parent and child
+/// share, so `LOCK_UN` here would release the parent's lock and make a live parent look dead.
+/// Closing one descriptor does not release the lock while the parent holds another.
 fn release_inherited(backing: Backing) {
     drop(backing);
 }
@@ -330,9 +465,11 @@ extern "C" fn child() {
 
 extern "C" fn at_exit() {
     // A normal exit: mark every file clean. try_lock, because exit may run while another thread
-    // holds the list (that thread's process is going away anyway and we skip the flag).
+    // holds the list (that thread's process is going away anyway and we skip the flag). A store
+    // that shares its parent's file leaves the flag to the parent: the parent may still be running,
+    // or may have crashed.
     if let Ok(stores) = STORES.try_lock() {
-        for s in stores.iter() {
+        for s in stores.iter().filter(|s| !s.is_shared()) {
             s.header_atomic(header::FLAGS).fetch_or(layout::flags::CLEAN_EXIT, Ordering::Release);
         }
     }

@@ -167,6 +167,7 @@ fn worked_example_matches_the_writer() {
     assert_eq!(u64_at(&bytes, header::DROPPED_SERIES), 0);
     assert_eq!(u64_at(&bytes, header::DROPPED_UPDATES), 0);
     assert_eq!(u64_at(&bytes, header::RESERVE), shmetrics::writer::DEFAULT_RESERVE);
+    assert_eq!(u64_at(&bytes, header::SHARED_FORKS), 0);
     assert!(bytes[header::END as usize..layout::HEADER_SIZE as usize].iter().all(|b| *b == 0));
 
     // The records, decoded with the library's own decoder.
@@ -239,6 +240,7 @@ fn header_table_matches_the_constants() {
         (header::DROPPED_UPDATES, 8, "dropped_updates"),
         (header::RESERVE, 8, "reserve"),
         (header::PARENT_PID, 8, "parent_pid"),
+        (header::SHARED_FORKS, 8, "shared_forks"),
         (header::END, layout::HEADER_SIZE - header::END, "(zero)"),
     ];
     assert_eq!(fields, expected);

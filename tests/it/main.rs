@@ -7,6 +7,7 @@ mod alarms;
 mod dir_rules;
 mod formats;
 mod hostile;
+mod full_disk;
 mod layout_doc;
 mod monitor;
 mod ops;
