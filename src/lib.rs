@@ -80,6 +80,7 @@ pub mod merge;
 pub mod monitor;
 pub mod ops;
 pub mod perf;
+pub mod procs;
 pub mod python;
 pub mod reader;
 pub mod serve;

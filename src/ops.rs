@@ -55,6 +55,7 @@ pub struct Ops {
     alarms: Option<Arc<crate::alarm::Pipeline>>,
     procs: crate::perf::ProcCache,
     config: HealthConfig,
+    process_metrics: crate::perf::ProcessMetrics,
     started: Instant,
     warmup: AtomicU8,
 }
@@ -65,6 +66,7 @@ impl Ops {
     pub fn new(
         shared: Arc<Shared>,
         config: HealthConfig,
+        process_metrics: crate::perf::ProcessMetrics,
         alarms: Option<Arc<crate::alarm::Pipeline>>,
     ) -> Arc<Ops> {
         let warmup = if config.warmup_url.is_some() { WARMUP_PENDING } else { WARMUP_NONE };
@@ -73,6 +75,7 @@ impl Ops {
             alarms,
             procs: crate::perf::ProcCache::default(),
             config,
+            process_metrics,
             started: Instant::now(),
             warmup: AtomicU8::new(warmup),
         })
@@ -88,21 +91,25 @@ impl Ops {
         self.alarms.as_ref()
     }
 
+    /// Which process metrics `/metrics` carries.
+    pub fn process_metrics(&self) -> crate::perf::ProcessMetrics {
+        self.process_metrics
+    }
+
     /// Seconds since the aggregator started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
 
-    /// The health check's answer, from a fresh scan of the directory.
+    /// The health check's answer, from a fresh scan of the directory and a look at `/proc` at most
+    /// [`crate::perf::TTL`] old (which tells masters from workers, see [`crate::procs`]).
     pub async fn health(self: &Arc<Self>) -> Health {
         let shared = Arc::clone(&self.shared);
-        let seen = tokio::task::spawn_blocking(move || {
-            shared.with(|a| {
-                a.compact();
-                (a.workers_ever_seen(), a.ready_workers(), a.live_workers())
-            })
-        })
-        .await;
+        let scanned = tokio::task::spawn_blocking(move || shared.with(|a| a.compact())).await;
+        self.procs().await;
+        let seen = scanned.map(|()| {
+            self.shared.with(|a| (a.workers_ever_seen(), a.ready_workers(), a.live_workers()))
+        });
         let Ok((ever_seen, ready, live)) = seen else {
             return Health { ok: false, message: "Health check failed; see the aggregator's log".into() };
         };
@@ -152,9 +159,9 @@ impl Ops {
         crate::perf::monitor_text(self).await
     }
 
-    /// The job's processes (workers and their masters) with memory, CPU and descriptors, at most
-    /// [`crate::perf::TTL`] old.
-    pub async fn procs(self: &Arc<Self>) -> Arc<Vec<crate::perf::ProcStats>> {
+    /// The job's processes (workers and their masters) with memory, CPU and descriptors, and the
+    /// job's CPU time, at most [`crate::perf::TTL`] old.
+    pub async fn procs(self: &Arc<Self>) -> Arc<crate::perf::JobProcs> {
         self.procs.get(self).await
     }
 }

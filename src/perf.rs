@@ -1,11 +1,18 @@
 //! What the job is doing, from the last scan and `/proc`: `perf_metrics` (JSON), `monitor` (text)
-//! and the per-process metrics added to `/metrics`.
+//! and the process metrics added to `/metrics`.
 //!
 //! Python's multiprocess mode cannot report per-process memory or CPU; the aggregator can, because
-//! it knows every worker's pid. Memory follows ftw.monitor: RSS from `statm`, USS (private pages)
-//! and PSS (proportional share) from `smaps_rollup`, in bytes, `-1` where unavailable (another
-//! user's process, a kernel without `smaps_rollup`, another pid namespace). Reading `smaps_rollup`
-//! walks a process's page tables, so figures are cached for [`TTL`].
+//! it knows every worker's pid ([`crate::procs`] tells workers from masters). Memory follows
+//! ftw.monitor: RSS from `statm`, USS (private pages) and PSS (proportional share) from
+//! `smaps_rollup`, in bytes, `-1` where unavailable (another user's process, a kernel without
+//! `smaps_rollup`, another pid namespace). Reading `smaps_rollup` walks a process's page tables, so
+//! figures are cached for [`TTL`].
+//!
+//! In `/metrics`, the job as a whole has families of its own (`shmetrics_job_*`), apart from the
+//! per-process `process_*{pid}` series, so that `sum(process_resident_memory_bytes)` is the job's
+//! memory and `shmetrics_job_cpu_seconds_total` a counter that never goes backwards (the CPU time of
+//! workers that are gone stays in it). Per-process series come and go with the processes (under
+//! `max_requests` churn, a few hundred pids an hour); `--process-metrics job` leaves them out.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,128 +22,50 @@ use serde_json::json;
 use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Snapshot, Value};
 use crate::ops::Ops;
+pub use crate::procs::ProcStats;
+use crate::procs;
 
 /// How long process figures are reused.
 pub const TTL: Duration = Duration::from_secs(2);
 
-/// Figures about one process. Bytes and counts are `-1` where unavailable.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProcStats {
-    /// The pid.
-    pub pid: i32,
-    /// What it is: `shmetrics` or `python` (a worker), or `master` (a worker's parent).
-    pub kind: &'static str,
-    /// Resident set size, bytes.
-    pub rss: i64,
-    /// Unique set size (private pages), bytes.
-    pub uss: i64,
-    /// Proportional set size, bytes.
-    pub pss: i64,
-    /// User + system CPU time, seconds.
+/// Which process metrics `/metrics` carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProcessMetrics {
+    /// The job's totals (`shmetrics_job_*`) and one `process_*` series per process (`pid` label).
+    #[default]
+    All,
+    /// Only the job's totals: no per-process series (no series churn as workers come and go).
+    Job,
+    /// None.
+    None,
+}
+
+/// The job's processes and CPU time, as of one look at `/proc`.
+#[derive(Clone, Debug, Default)]
+pub struct JobProcs {
+    /// Workers and masters.
+    pub procs: Vec<ProcStats>,
+    /// The job's CPU seconds, including processes that are gone (never goes down).
     pub cpu_seconds: f64,
-    /// Open file descriptors.
-    pub open_fds: i64,
-    /// Threads.
-    pub threads: i64,
-    /// Start time, unix seconds.
-    pub start_time: f64,
-    /// Whether the worker declared itself ready (Python workers: alive).
-    pub ready: bool,
 }
 
-/// Wall-clock time of boot, unix seconds.
-fn boot_time() -> f64 {
-    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9);
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    now - since_boot
-}
-
-/// Reads `/proc/<pid>`. `not_after`: the process must have started by then (unix seconds) — a
-/// later start means the pid belongs to another process now (or another pid namespace).
-fn read(pid: i32, kind: &'static str, ready: bool, not_after: Option<f64>) -> Option<ProcStats> {
-    let p = procfs::process::Process::new(pid).ok()?;
-    let stat = p.stat().ok()?;
-    let tps = procfs::ticks_per_second() as f64;
-    let start_time = boot_time() + stat.starttime as f64 / tps;
-    if not_after.is_some_and(|t| start_time > t + 0.1) {
-        return None;
-    }
-    let page = procfs::page_size() as i64;
-    let rss = p.statm().map_or(-1, |m| m.resident as i64 * page);
-    let (uss, pss) = match p.smaps_rollup() {
-        Ok(r) => {
-            let (mut uss, mut pss) = (0i64, 0i64);
-            for m in r.memory_map_rollup.iter() {
-                let get = |k: &str| m.extension.map.get(k).copied().unwrap_or(0) as i64;
-                uss += get("Private_Clean") + get("Private_Dirty");
-                pss += get("Pss");
-            }
-            (uss, pss)
-        }
-        Err(_) => (-1, -1),
-    };
-    Some(ProcStats {
-        pid,
-        kind,
-        rss,
-        uss,
-        pss,
-        cpu_seconds: (stat.utime + stat.stime) as f64 / tps,
-        open_fds: p.fd_count().map_or(-1, |n| n as i64),
-        threads: stat.num_threads,
-        start_time,
-        ready,
-    })
-}
-
-/// The job's processes as of the last scan: workers, then their parents (the master), once each.
-fn collect(ops: &Ops) -> Vec<ProcStats> {
-    let (workers, python) = ops.shared().with(|a| (a.workers().to_vec(), a.python_pids()));
-    let mut out: Vec<ProcStats> = Vec::new();
-    for w in &workers {
-        let Ok(pid) = i32::try_from(w.pid) else { continue };
-        // The file was created by the process: a process that started later is not that worker.
-        let created = w.start_time_ns as f64 / 1e9;
-        // A writer that others were forked from is the master, not a worker.
-        let kind = if workers.iter().any(|o| o.parent_pid == w.pid) { "master" } else { "shmetrics" };
-        if let Some(s) = read(pid, kind, w.ready, Some(created)) {
-            out.push(s);
-        }
-    }
-    for pid in python {
-        if let Some(s) = read(pid, "python", true, None) {
-            out.push(s);
-        }
-    }
-    let me = std::process::id() as i32;
-    let mut parents: Vec<i32> = out
-        .iter()
-        .filter_map(|s| procfs::process::Process::new(s.pid).and_then(|p| p.stat()).ok().map(|st| st.ppid))
-        .filter(|pp| *pp > 1 && *pp != me)
-        .collect();
-    parents.sort_unstable();
-    parents.dedup();
-    for pp in parents {
-        if out.iter().any(|s| s.pid == pp) {
-            continue;
-        }
-        if let Some(s) = read(pp, "master", true, None) {
-            out.push(s);
-        }
-    }
-    out
+/// One look at `/proc` for the job, accounted in the aggregator (masters, CPU time).
+fn collect(ops: &Ops) -> JobProcs {
+    let input = ops.shared().with(|a| a.job_input());
+    let procs = procs::collect(&input);
+    let cpu_seconds = ops.shared().with(|a| a.account(&procs));
+    JobProcs { procs, cpu_seconds }
 }
 
 /// Cached process figures.
 #[derive(Default)]
 pub struct ProcCache {
-    cached: Mutex<Option<(Instant, Arc<Vec<ProcStats>>)>>,
+    cached: Mutex<Option<(Instant, Arc<JobProcs>)>>,
 }
 
 impl ProcCache {
     /// The job's process figures, at most [`TTL`] old.
-    pub async fn get(&self, ops: &Arc<Ops>) -> Arc<Vec<ProcStats>> {
+    pub async fn get(&self, ops: &Arc<Ops>) -> Arc<JobProcs> {
         if let Some((at, v)) = self.cached.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             if at.elapsed() < TTL {
                 return Arc::clone(v);
@@ -150,22 +79,20 @@ impl ProcCache {
     }
 }
 
-/// Sums a field over processes, `-1` if any value is unavailable.
-fn total(procs: &[ProcStats], f: impl Fn(&ProcStats) -> i64) -> i64 {
-    procs.iter().map(&f).try_fold(0i64, |acc, v| (v >= 0).then_some(acc + v)).unwrap_or(-1)
-}
+use crate::procs::total;
 
 /// The `perf_metrics` document. With `interval` (seconds, at most 10), CPU use is measured over
 /// that interval and reported as a percentage of one core.
 pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Value {
     let health = ops.health().await;
-    let procs = ops.procs().await;
+    let job = ops.procs().await;
+    let procs = &job.procs;
     let cpu_percent: Option<Vec<(i32, f64)>> = match interval.filter(|i| *i > 0.0 && *i <= 10.0) {
         Some(secs) => {
             let before: Vec<(i32, f64)> = procs.iter().map(|p| (p.pid, p.cpu_seconds)).collect();
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             let ops2 = Arc::clone(ops);
-            let after = tokio::task::spawn_blocking(move || collect(&ops2)).await.unwrap_or_default();
+            let after = tokio::task::spawn_blocking(move || collect(&ops2)).await.unwrap_or_default().procs;
             Some(
                 before
                     .iter()
@@ -187,7 +114,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
         .map(|p| {
             let mut w = json!({
                 "pid": p.pid,
-                "kind": p.kind,
+                "kind": p.kind.as_str(),
                 "start_time": p.start_time,
                 "uptime": now - p.start_time,
                 "rss": p.rss,
@@ -214,17 +141,17 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "healthy": health.ok,
         },
         "memory": {
-            "rss": total(&procs, |p| p.rss),
-            "uss": total(&procs, |p| p.uss),
-            "pss": total(&procs, |p| p.pss),
+            "rss": total(procs, |p| p.rss),
+            "uss": total(procs, |p| p.uss),
+            "pss": total(procs, |p| p.pss),
         },
-        "cpu": { "seconds": procs.iter().fold(0.0, |a, p| a + p.cpu_seconds) },
+        "cpu": { "seconds": job.cpu_seconds },
         "workers": workers,
         "metrics": {
             "files": stats.files,
             "python_files": stats.python_files,
             "series": stats.series,
-            "live_workers": procs.iter().filter(|p| p.kind != "master").count(),
+            "live_workers": procs.iter().filter(|p| p.kind.is_worker()).count(),
             "dead_workers_archived": stats.totals.dead_workers,
             "crashed_workers": stats.totals.crashed_workers,
             "python_files_compacted": stats.totals.python_files_compacted,
@@ -265,32 +192,34 @@ fn mib(b: i64) -> String {
 
 /// The `monitor` command's text: the aggregator, then each process of the job.
 pub async fn monitor_text(ops: &Arc<Ops>) -> String {
-    let procs = ops.procs().await;
-    let me = read(std::process::id() as i32, "aggregator", true, None);
+    let job = ops.procs().await;
+    let procs = &job.procs;
+    let me = procfs::process::Process::new(std::process::id() as i32).and_then(|p| p.statm()).ok();
     let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let mut out = format!(
         "aggregator pid {} rss {} uptime {:.0} s\n",
         std::process::id(),
-        mib(me.map_or(-1, |m| m.rss)),
+        mib(me.map_or(-1, |m| m.resident as i64 * procfs::page_size() as i64)),
         ops.uptime().as_secs_f64()
     );
-    let workers = procs.iter().filter(|p| p.kind != "master").count();
-    let ready = procs.iter().filter(|p| p.kind != "master" && p.ready).count();
+    let workers = procs.iter().filter(|p| p.kind.is_worker()).count();
+    let ready = procs.iter().filter(|p| p.kind.is_worker() && p.ready).count();
     out.push_str(&format!("workers: {workers} live, {ready} ready\n"));
     for p in procs.iter() {
         out.push_str(&format!(
             "  {:<9} pid {:<7} rss {:>10}  uptime {:>6.0} s{}\n",
-            p.kind,
+            p.kind.as_str(),
             p.pid,
             mib(p.rss),
             now - p.start_time,
-            if p.kind != "master" && !p.ready { "  not ready" } else { "" }
+            if p.kind.is_worker() && !p.ready { "  not ready" } else { "" }
         ));
     }
     out
 }
 
-fn meta(name: &str, help: &str, t: MetricType) -> Arc<FamilyMeta> {
+fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
+    let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
     Arc::new(FamilyMeta {
         desc: MetricDesc {
             name: name.into(),
@@ -298,91 +227,104 @@ fn meta(name: &str, help: &str, t: MetricType) -> Arc<FamilyMeta> {
             metric_type: t,
             value_type: ValueType::F64,
             gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
-            label_names: vec!["pid".into()],
+            label_names: label_names.clone(),
             buckets: Vec::new(),
         },
-        label_names: vec!["pid".into()],
+        label_names,
     })
 }
 
-/// Appends per-process metrics (labelled `pid`) and job totals (no `pid` label) to a scrape:
-/// `process_resident_memory_bytes`, `process_unique_memory_bytes`, `process_proportional_memory_bytes`,
-/// `process_cpu_seconds_total`, `process_open_fds`, `process_start_time_seconds`. Families the
-/// application already exposes under those names are left alone.
-pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot) {
-    let procs = ops.procs().await;
-    if procs.is_empty() {
+/// Appends the process metrics that `which` asks for to a scrape.
+///
+/// Per process (label `pid`, workers and masters): `process_resident_memory_bytes`,
+/// `process_unique_memory_bytes`, `process_proportional_memory_bytes`, `process_cpu_seconds_total`,
+/// `process_open_fds`, `process_start_time_seconds`. Families the application already exposes under
+/// those names are left alone.
+///
+/// For the job (no labels): `shmetrics_job_resident_memory_bytes`,
+/// `shmetrics_job_unique_memory_bytes`, `shmetrics_job_proportional_memory_bytes`,
+/// `shmetrics_job_open_fds` (sums over the live processes; left out while any process's figure is
+/// unavailable) and `shmetrics_job_cpu_seconds_total` (including processes that are gone).
+pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot, which: ProcessMetrics) {
+    if which == ProcessMetrics::None {
         return;
     }
+    let job = ops.procs().await;
+    let procs = &job.procs;
     type Field = fn(&ProcStats) -> f64;
-    let fams: [(&str, &str, MetricType, Field, bool); 6] = [
+    let fams: [(&str, &str, &str, MetricType, Field); 6] = [
         (
             "process_resident_memory_bytes",
-            "Resident memory size in bytes (job total without pid).",
+            "shmetrics_job_resident_memory_bytes",
+            "Resident memory size in bytes",
             MetricType::Gauge,
             |p| p.rss as f64,
-            true,
         ),
         (
             "process_unique_memory_bytes",
-            "Unique set size (private memory) in bytes (job total without pid).",
+            "shmetrics_job_unique_memory_bytes",
+            "Unique set size (private memory) in bytes",
             MetricType::Gauge,
             |p| p.uss as f64,
-            true,
         ),
         (
             "process_proportional_memory_bytes",
-            "Proportional set size in bytes (job total without pid).",
+            "shmetrics_job_proportional_memory_bytes",
+            "Proportional set size in bytes",
             MetricType::Gauge,
             |p| p.pss as f64,
-            true,
         ),
         (
-            "process_cpu_seconds_total",
-            "User and system CPU time spent in seconds (job total without pid).",
+            "process_cpu_seconds",
+            "",
+            "User and system CPU time spent in seconds",
             MetricType::Counter,
             |p| p.cpu_seconds,
-            true,
         ),
-        (
-            "process_open_fds",
-            "Number of open file descriptors (job total without pid).",
-            MetricType::Gauge,
-            |p| p.open_fds as f64,
-            true,
-        ),
+        ("process_open_fds", "shmetrics_job_open_fds", "Number of open file descriptors", MetricType::Gauge, |p| {
+            p.open_fds as f64
+        }),
         (
             "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
+            "",
+            "Start time of the process since unix epoch in seconds",
             MetricType::Gauge,
             |p| p.start_time,
-            false,
         ),
     ];
-    for (name, help, t, field, with_total) in fams {
-        let base = name.strip_suffix("_total").unwrap_or(name);
-        if snap.families.iter().any(|f| f.meta.desc.name == base) {
-            continue;
-        }
-        let mut series: Vec<(Arc<LabelSet>, Value)> = Vec::new();
-        let mut sum = 0.0;
-        let mut complete = true;
-        for p in procs.iter() {
-            let v = field(p);
-            if v < 0.0 {
-                complete = false;
-                continue;
+    let mut added = Vec::new();
+    for (name, job_name, help, t, field) in fams {
+        if which == ProcessMetrics::All && !procs.is_empty() && snap.family(name).is_none() {
+            let series: Vec<(Arc<LabelSet>, Value)> = procs
+                .iter()
+                .map(|p| (field(p), p.pid))
+                .filter(|(v, _)| *v >= 0.0)
+                .map(|(v, pid)| (Arc::new(LabelSet::new(vec![("pid".into(), pid.to_string())])), Value::F64(v)))
+                .collect();
+            if !series.is_empty() {
+                let help = format!("{help}, per process of the job (workers and masters).");
+                added.push(SnapFamily { meta: meta(name, &help, t, &["pid"]), series });
             }
-            sum += v;
-            series.push((Arc::new(LabelSet::new(vec![("pid".into(), p.pid.to_string())])), Value::F64(v)));
         }
-        if with_total && complete {
-            series.insert(0, (Arc::new(LabelSet::default()), Value::F64(sum)));
-        }
-        if !series.is_empty() {
-            snap.families.push(SnapFamily { meta: meta(base, help, t), series });
+        let complete = procs.iter().all(|p| field(p) >= 0.0);
+        if !job_name.is_empty() && complete {
+            let sum: f64 = procs.iter().map(field).sum();
+            let help = format!("{help}, summed over the job's live processes (workers and masters).");
+            let series = vec![(Arc::new(LabelSet::default()), Value::F64(sum))];
+            added.push(SnapFamily { meta: meta(job_name, &help, t, &[]), series });
         }
     }
+    added.push(SnapFamily {
+        meta: meta(
+            "shmetrics_job_cpu_seconds",
+            "User and system CPU time of the job's processes, in seconds, including processes that \
+             are gone (never decreases).",
+            MetricType::Counter,
+            &[],
+        ),
+        series: vec![(Arc::new(LabelSet::default()), Value::F64(job.cpu_seconds))],
+    });
+    snap.families.extend(added);
 }
 
 /// Appends the alarm counters to a scrape: `shmetrics_alarms_fired_total{kind,action}`,

@@ -349,12 +349,7 @@ impl PyFile {
     }
 }
 
-/// When process `pid` started (unix seconds), or `None` if there is no such process.
-pub fn process_start(pid: i32) -> Option<f64> {
-    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
-    let boot = boot_time()?;
-    Some(boot + stat.starttime as f64 / procfs::ticks_per_second() as f64)
-}
+pub use crate::procs::process_start;
 
 /// Whether the process that wrote a file with this pid is still the one running under it.
 ///
@@ -377,14 +372,6 @@ pub fn file_alive(pid: i32, start: Option<f64>, created: Option<SystemTime>, dev
 /// [`file_alive`] for one file, reading the process start itself.
 pub fn pid_alive(pid: i32, created: Option<SystemTime>, dev_ino: (u64, u64)) -> bool {
     file_alive(pid, process_start(pid), created, dev_ino)
-}
-
-/// Wall-clock time of boot, in seconds, to sub-millisecond precision (`/proc/stat`'s `btime` is
-/// whole seconds, which would blur pid-reuse detection by up to a second).
-fn boot_time() -> Option<f64> {
-    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
-    Some(now - (since_boot.tv_sec() as f64 + since_boot.tv_nsec() as f64 * 1e-9))
 }
 
 /// Whether process `pid` has the file (device, inode) open.

@@ -113,7 +113,7 @@ async fn metrics(ops: &Arc<Ops>, shared: &Arc<Shared>, req: &Request<Incoming>) 
     let Some(mut snapshot) = shared.scrape().await else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "scrape failed; see the aggregator's log\n");
     };
-    crate::perf::process_families(ops, &mut snapshot).await;
+    crate::perf::process_families(ops, &mut snapshot, ops.process_metrics()).await;
     crate::perf::alarm_families(ops, &mut snapshot);
     let body = expose::encode(&snapshot, format).into_bytes();
     let (body, encoding) = if gzip {

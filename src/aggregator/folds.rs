@@ -38,6 +38,9 @@ pub(super) struct Folds {
     recent_set: HashSet<String>,
     /// The in-memory archive has changes no saved archive holds yet.
     dirty: bool,
+    /// The saved archive lists ids of files that are gone: the next upkeep pass saves a shorter
+    /// list (but a shutdown need not).
+    stale_list: bool,
     /// Saves that failed, since start.
     pub save_errors: u64,
     /// When saves started failing (None while they work), and when that was last logged.
@@ -107,10 +110,10 @@ impl Folds {
         self.dirty
     }
 
-    /// Saves the archive with `save` if anything changed; counts and logs failures (retried at the
-    /// next call).
+    /// Saves the archive with `save` if anything changed (or its list of folded ids can shrink);
+    /// counts and logs failures (retried at the next call).
     pub fn save(&mut self, save: impl FnOnce(&[String]) -> crate::Result<()>) {
-        if !self.dirty {
+        if !self.dirty && !self.stale_list {
             return;
         }
         let pending = self.pending();
@@ -118,6 +121,7 @@ impl Folds {
             Ok(()) => {
                 self.saved = pending.into_iter().collect();
                 self.dirty = false;
+                self.stale_list = false;
                 if let Some((since, failures, _)) = self.failing.take() {
                     tracing::info!(
                         "the archive is saved again, after {failures} failed attempts over {:.0} s; \
@@ -169,7 +173,7 @@ impl Folds {
             self.saved.remove(&id);
             // The next save drops the id from the archive's list: it stays as short as the files
             // actually waiting for removal.
-            self.dirty = true;
+            self.stale_list = true;
         }
     }
 
@@ -226,7 +230,7 @@ mod tests {
         f.remove_saved();
         assert!(!p.exists());
         assert!(f.pending().is_empty(), "a removed file's id is not persisted any more");
-        assert!(f.is_dirty(), "and the next save writes the shorter list");
+        assert!(f.stale_list && !f.is_dirty(), "the next pass writes the shorter list; a shutdown need not");
         assert!(f.is_folded("aa"), "but remembered for a while");
     }
 

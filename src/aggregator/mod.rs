@@ -22,6 +22,7 @@ use crate::dir::{self, DirLock, Startup};
 use crate::error::Result;
 use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, Merger, SnapFamily, Snapshot, Value};
+use crate::procs;
 use crate::python::{self as py, KeyCache, PyFile};
 use crate::reader::{BadReason, WorkerFile};
 use crate::trust::Trust;
@@ -64,6 +65,10 @@ pub struct WorkerInfo {
     pub ready: bool,
     /// The worker's file.
     pub path: PathBuf,
+    /// Whether other files name it as their parent: it is a master, not a worker (sticky).
+    pub master: bool,
+    /// Forked children that write into this file, having none of their own (disk full).
+    pub shared_forks: u64,
 }
 
 /// A worker whose exit the aggregator noticed (its file was folded).
@@ -152,6 +157,12 @@ pub struct Aggregator {
     folds: Folds,
     /// Archives set aside as corrupt, present in the directory at the last scan.
     corrupt_archives: usize,
+    /// Ids of files that other files name as their parent: masters, for as long as they live.
+    master_files: std::collections::HashSet<[u8; 16]>,
+    /// The job's CPU time and who the masters are, from the last look at `/proc`.
+    cpu: procs::CpuLedger,
+    /// Workers found in `/proc` without a file of their own at the last look: (live, ready).
+    fileless_workers: (usize, usize),
     dead_since_rebuild: usize,
     /// The merger epoch all mappings were made at.
     epoch_mapped: u64,
@@ -195,6 +206,7 @@ impl Aggregator {
         if !opts.read_only {
             tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
         }
+        let cpu = procs::CpuLedger::restore(loaded.totals.cpu_seconds, &loaded.totals.cpu_bases);
         Ok(Aggregator {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -211,6 +223,9 @@ impl Aggregator {
             totals: loaded.totals,
             folds: Folds::loaded(loaded.folded),
             corrupt_archives: 0,
+            master_files: Default::default(),
+            cpu,
+            fileless_workers: (0, 0),
             dead_since_rebuild: 0,
             epoch_mapped: 0,
             ever_seen: false,
@@ -252,16 +267,61 @@ impl Aggregator {
     }
 
     /// Ready workers as of the last scan: shmetrics workers that set their ready flag, plus live
-    /// Python processes (prometheus_client has no way to say it is ready).
+    /// Python processes (prometheus_client has no way to say it is ready) and workers without a
+    /// file of their own found at the last [`Aggregator::account`]. Masters are not workers.
     pub fn ready_workers(&self) -> usize {
-        let is_master = |w: &WorkerInfo| self.workers.iter().any(|o| o.parent_pid == w.pid);
-        self.workers.iter().filter(|w| w.ready && !is_master(w)).count() + self.stats.python_processes
+        self.workers.iter().filter(|w| w.ready && !w.master).count()
+            + self.python_workers()
+            + self.fileless_workers.1
     }
 
     /// Live workers as of the last scan (masters not included), ready or not.
     pub fn live_workers(&self) -> usize {
-        let is_master = |w: &WorkerInfo| self.workers.iter().any(|o| o.parent_pid == w.pid);
-        self.workers.iter().filter(|w| !is_master(w)).count() + self.stats.python_processes
+        self.workers.iter().filter(|w| !w.master).count() + self.python_workers() + self.fileless_workers.0
+    }
+
+    /// Live Python processes that are not masters.
+    fn python_workers(&self) -> usize {
+        let masters: std::collections::HashSet<i32> = self.cpu.masters().iter().map(|k| k.0).collect();
+        self.python_pids().iter().filter(|p| !masters.contains(p)).count()
+    }
+
+    /// What [`procs::collect`] needs to know of the job.
+    pub fn job_input(&self) -> procs::JobInput {
+        procs::JobInput {
+            files: self
+                .workers
+                .iter()
+                .map(|w| procs::FileProc {
+                    pid: w.pid,
+                    start_time_ns: w.start_time_ns,
+                    master: w.master,
+                    ready: w.ready,
+                    shared_forks: w.shared_forks,
+                })
+                .collect(),
+            python: self.python_pids(),
+            masters: self.cpu.masters().clone(),
+        }
+    }
+
+    /// Takes in a fresh look at the job's processes ([`procs::collect`] of [`Aggregator::job_input`]):
+    /// who the masters are, workers without files, and the job's CPU time. Returns the job's CPU
+    /// seconds, which never go down (see [`procs`]).
+    pub fn account(&mut self, table: &[procs::ProcStats]) -> f64 {
+        if self.cpu.account(table, procs::exists) {
+            self.totals.cpu_seconds = self.cpu.archived();
+            self.totals.cpu_bases = self.cpu.bases();
+            self.folds.touch();
+        }
+        let mut known: std::collections::HashSet<i32> = self.python_pids().into_iter().collect();
+        known.extend(self.workers.iter().filter_map(|w| i32::try_from(w.pid).ok()));
+        let fileless = table.iter().filter(|p| p.kind.is_worker() && !known.contains(&p.pid));
+        let (live, ready) = fileless.fold((0, 0), |(l, r), p| (l + 1, r + usize::from(p.ready)));
+        self.fileless_workers = (live, ready);
+        self.stats.live_workers = self.live_workers();
+        self.ever_seen |= self.stats.live_workers > 0;
+        self.cpu.total()
     }
 
     /// Pids of the live Python processes as of the last scan.
@@ -681,19 +741,32 @@ impl Aggregator {
     }
 
     fn collect_workers(&mut self) {
+        // A file that another file names as its parent is a master's, for as long as it lives.
+        let by_pid: HashMap<u64, [u8; 16]> =
+            self.files.values().filter(|t| !t.dead).map(|t| (t.file.pid, t.file.file_id)).collect();
+        for t in self.files.values().filter(|t| t.file.parent_pid != 0) {
+            if let Some(id) = by_pid.get(&t.file.parent_pid) {
+                self.master_files.insert(*id);
+            }
+        }
+        let live_ids: std::collections::HashSet<[u8; 16]> = by_pid.values().copied().collect();
+        self.master_files.retain(|id| live_ids.contains(id));
+        let masters = &self.master_files;
         let mut workers: Vec<WorkerInfo> = self
             .files
             .values_mut()
+            .filter(|t| !t.dead)
             .map(|t| WorkerInfo {
                 pid: t.file.pid,
                 start_time_ns: t.file.start_time_ns,
                 parent_pid: t.file.parent_pid,
                 ready: t.file.header_word(header::FLAGS) & layout::flags::READY != 0,
                 path: t.file.path().to_path_buf(),
+                master: masters.contains(&t.file.file_id),
+                shared_forks: t.file.header_word(header::SHARED_FORKS),
             })
             .collect();
         workers.sort_by_key(|w| (w.start_time_ns, w.pid));
-        self.stats.live_workers = workers.len();
         self.stats.live_dropped_series =
             self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_SERIES)).sum();
         self.stats.live_dropped_updates =
@@ -701,8 +774,9 @@ impl Aggregator {
         self.stats.live_shared_forks =
             self.files.values_mut().map(|t| t.file.header_word(header::SHARED_FORKS)).sum();
         self.stats.totals = self.totals.clone();
-        self.ever_seen |= !workers.is_empty() || self.stats.python_processes > 0;
         self.workers = workers;
+        self.stats.live_workers = self.live_workers();
+        self.ever_seen |= self.stats.live_workers > 0;
     }
 
     /// Drops merged series that only dead processes had (per-process gauges under churn).

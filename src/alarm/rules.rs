@@ -222,11 +222,12 @@ impl Detector {
         if cfg.memory.is_empty() {
             return;
         }
-        let procs = ops.procs().await;
+        let job = ops.procs().await;
+        let procs = &job.procs;
         let now = Instant::now();
         for (i, rule) in cfg.memory.iter().enumerate() {
             let grace = Duration::from_secs_f64(rule.grace_seconds.max(0.0));
-            let workers: Vec<&ProcStats> = procs.iter().filter(|p| p.kind != "master").collect();
+            let workers: Vec<&ProcStats> = procs.iter().filter(|p| p.kind.is_worker()).collect();
             let over: Vec<(&ProcStats, i64)> = match rule.scope {
                 Scope::Worker => workers
                     .iter()

@@ -77,9 +77,21 @@ struct AggregatorArgs {
     /// if they belong to this user or to the directory's owner.
     #[arg(long)]
     shared_dir: bool,
+    /// Process metrics in /metrics: `all` (the job's totals, shmetrics_job_*, and one process_*
+    /// series per pid), `job` (totals only: no series come and go with worker pids), `none`.
+    #[arg(long, value_enum, default_value_t = ProcessMetricsArg::All)]
+    process_metrics: ProcessMetricsArg,
     /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
     #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
     upkeep_interval: f64,
+}
+
+/// `--process-metrics`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ProcessMetricsArg {
+    All,
+    Job,
+    None,
 }
 
 #[derive(Args, Debug)]
@@ -212,7 +224,12 @@ impl Servers {
             None => None,
         };
         let shared = shmetrics::serve::Shared::new(agg);
-        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health(), alarms.clone());
+        let process_metrics = match args.process_metrics {
+            ProcessMetricsArg::All => shmetrics::perf::ProcessMetrics::All,
+            ProcessMetricsArg::Job => shmetrics::perf::ProcessMetrics::Job,
+            ProcessMetricsArg::None => shmetrics::perf::ProcessMetrics::None,
+        };
+        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health(), process_metrics, alarms.clone());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

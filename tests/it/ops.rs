@@ -119,7 +119,8 @@ fn perf_metrics_describe_every_worker() {
         assert!(s.contains_key(&format!("process_start_time_seconds{{pid=\"{pid}\"}}")));
     }
     let per_pid: f64 = s.iter().filter(|(k, _)| k.starts_with("process_open_fds{pid=")).map(|(_, v)| v).sum();
-    assert_eq!(s["process_open_fds"], per_pid, "job total = sum over pids");
+    assert_eq!(s["shmetrics_job_open_fds"], per_pid, "job total = sum over pids");
+    assert!(!s.contains_key("process_open_fds"), "job totals have names of their own: {s:?}");
 }
 
 /// `dump` reads a directory next to nothing (no server, no lock) in every format, and each

@@ -356,7 +356,7 @@ fn forked_workers_merge_exactly_and_fold_on_exit() {
 
     let s = scrape(served.addr);
     check_workload(&s, &expected(&p, &pids, true), &master);
-    assert_eq!(one(&s, "shmetrics_workers_live"), 5.0);
+    assert_eq!(one(&s, "shmetrics_workers_live"), 4.0, "4 workers; the master is not one");
     assert_eq!(one(&s, "shmetrics_files"), 5.0);
     assert_eq!(one(&s, "shmetrics_workers_dead_total"), 0.0);
 
@@ -667,7 +667,7 @@ fn two_hundred_worker_restarts_keep_the_directory_bounded() {
     assert_eq!(one(&s, "shmetrics_workers_crashed_total"), 0.0);
     assert_eq!(Some(one(&s, "shmetrics_series")), series_at_20, "series count grew with churn");
     assert!(util::worker_files(&dir) <= 6, "{:?}", util::ls(&dir));
-    assert_eq!(one(&s, "shmetrics_workers_live"), 3.0);
+    assert_eq!(one(&s, "shmetrics_workers_live"), 2.0, "2 workers; the master is not one");
     let count = value(&s, "http_request_duration_seconds_count", &[("method", "GET"), ("path", "/")]);
     assert_eq!(count, Some(200.0));
 
@@ -758,7 +758,7 @@ fn dead_file_naming_a_live_pid_is_folded() {
     assert_eq!(value(&s, "wl_requests_total", &[("route", "/r0")]), Some(1001.0 + 1.0));
     assert_eq!(one(&s, "shmetrics_workers_dead_total"), 2.0);
     assert_eq!(one(&s, "shmetrics_workers_crashed_total"), 0.0);
-    assert_eq!(one(&s, "shmetrics_workers_live"), 2.0);
+    assert_eq!(one(&s, "shmetrics_workers_live"), 1.0, "1 worker and its master");
     // The moved files are gone; only the live workload's 2 remain.
     let left: BTreeSet<u64> = files_by_pid(&dir).keys().copied().collect();
     let live: BTreeSet<u64> = [wl.0.proc.pid() as u64, wl.0.pids[0] as u64].into();
@@ -822,7 +822,7 @@ fn workload_in_a_pid_namespace() {
 
     let s = scrape(served.addr);
     check_workload(&s, &expected(&p, &pid_labels(&pids), true), "1");
-    assert_eq!(one(&s, "shmetrics_workers_live"), 4.0);
+    assert_eq!(one(&s, "shmetrics_workers_live"), 3.0, "3 workers; the master is not one");
 
     // SIGTERM the master through its pid outside the namespace (unshare's only child).
     let outside: i32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", ns.pid()))
