@@ -14,13 +14,14 @@
 //!     request disappears from the sum with the worker).
 //!
 //!   `path` is the route, not the raw path, to keep cardinality bounded: one of `/`, `/slow`,
-//!   `/status`, `/pid`, `/crash` or `other`; `method` is a standard method name or `other`; `code`
+//!   `/burn`, `/status`, `/pid`, `/crash` or `other`; `method` is a standard method name or `other`; `code`
 //!   is the numeric status. A `/crash` request is counted with `code="0"` (no response) just before
 //!   the worker aborts, so its counter survives in the dead worker's file.
 //!
 //! Routes (one request per connection, `Connection: close`):
 //! - `/` → 200 `hello from <pid>`;
 //! - `/slow?ms=N` → sleeps N ms (default 100, capped at 10000) then 200;
+//! - `/burn?ms=N` → spins on the CPU for N ms (same default and cap) then 200;
 //! - `/status/NNN` → responds with status NNN (100..=599, anything else is a 400);
 //! - `/pid` → 200 with the worker's pid;
 //! - `/crash` → the worker calls `abort()` without answering;
@@ -473,6 +474,7 @@ fn route_of(path: &str) -> &'static str {
     match path {
         "/" => "/",
         "/slow" => "/slow",
+        "/burn" => "/burn",
         "/pid" => "/pid",
         "/crash" => "/crash",
         p if p.starts_with("/status/") => "/status",
@@ -518,6 +520,17 @@ fn handle(mut stream: TcpStream, metrics: &mut Metrics, pid: u32) -> bool {
             }
             None => (400, "bad ms parameter\n".to_owned()),
         },
+        "/burn" => match slow_ms(req.query) {
+            Some(ms) => {
+                let until = Instant::now() + Duration::from_millis(ms);
+                let mut x: u64 = 1;
+                while Instant::now() < until {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                (200, format!("burnt {ms} ms\n"))
+            }
+            None => (400, "bad ms parameter\n".to_owned()),
+        },
         "/status" => match req.path["/status/".len()..].parse::<u16>() {
             Ok(code) if (100..=599).contains(&code) => (code, format!("status {code}\n")),
             _ => (400, "status must be 100..=599\n".to_owned()),
@@ -536,7 +549,7 @@ fn handle(mut stream: TcpStream, metrics: &mut Metrics, pid: u32) -> bool {
     true
 }
 
-/// The `ms` query parameter of `/slow`: 100 when absent, capped at [`MAX_SLOW_MS`].
+/// The `ms` query parameter of `/slow` and `/burn`: 100 when absent, capped at [`MAX_SLOW_MS`].
 fn slow_ms(query: &str) -> Option<u64> {
     match query.split('&').find_map(|kv| kv.strip_prefix("ms=")) {
         None => Some(100),

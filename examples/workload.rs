@@ -136,6 +136,9 @@ struct Args {
     /// With --orphan: the master SIGKILLs itself instead of exiting.
     #[arg(long)]
     master_crash: bool,
+    /// With --hold: the master stays after its workers are gone, until SIGTERM/SIGINT.
+    #[arg(long)]
+    linger: bool,
     /// Workers and grandchildren declare themselves ready after each round.
     #[arg(long)]
     ready: bool,
@@ -309,7 +312,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let statuses = if args.hold { wait_forwarding(&pids, &master_set)? } else { reap_all(&pids) };
+    let statuses =
+        if args.hold { wait_forwarding(&pids, &master_set, args.linger)? } else { reap_all(&pids) };
     let failed: Vec<String> = statuses.iter().filter_map(failure).collect();
     if !failed.is_empty() {
         bail!("{}", failed.join("; "));
@@ -473,10 +477,10 @@ fn reap_all(pids: &[Pid]) -> Vec<WaitStatus> {
 }
 
 /// With `--hold`: reaps workers as they exit, forwarding SIGTERM/SIGINT to those still running.
-fn wait_forwarding(pids: &[Pid], set: &SigSet) -> Result<Vec<WaitStatus>> {
+fn wait_forwarding(pids: &[Pid], set: &SigSet, linger: bool) -> Result<Vec<WaitStatus>> {
     let mut live: Vec<Pid> = pids.to_vec();
     let mut statuses = Vec::new();
-    while !live.is_empty() {
+    while !live.is_empty() || linger {
         match set.wait()? {
             Signal::SIGCHLD => loop {
                 match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -489,6 +493,7 @@ fn wait_forwarding(pids: &[Pid], set: &SigSet) -> Result<Vec<WaitStatus>> {
                     Err(e) => return Err(e).context("waitpid"),
                 }
             },
+            _ if live.is_empty() => break, // lingering master: a stop signal ends it
             sig => stop(&live, sig),
         }
     }

@@ -107,9 +107,8 @@ impl Ops {
         let shared = Arc::clone(&self.shared);
         let scanned = tokio::task::spawn_blocking(move || shared.with(|a| a.compact())).await;
         self.procs().await;
-        let seen = scanned.map(|()| {
-            self.shared.with(|a| (a.workers_ever_seen(), a.ready_workers(), a.live_workers()))
-        });
+        let seen = scanned
+            .map(|()| self.shared.with(|a| (a.workers_ever_seen(), a.ready_workers(), a.live_workers())));
         let Ok((ever_seen, ready, live)) = seen else {
             return Health { ok: false, message: "Health check failed; see the aggregator's log".into() };
         };

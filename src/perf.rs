@@ -22,8 +22,8 @@ use serde_json::json;
 use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Snapshot, Value};
 use crate::ops::Ops;
-pub use crate::procs::ProcStats;
 use crate::procs;
+pub use crate::procs::ProcStats;
 
 /// How long process figures are reused.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -51,7 +51,11 @@ pub struct JobProcs {
 
 /// One look at `/proc` for the job, accounted in the aggregator (masters, CPU time).
 fn collect(ops: &Ops) -> JobProcs {
-    let input = ops.shared().with(|a| a.job_input());
+    // A fresh scan first: the processes are those of the files in the directory now.
+    let input = ops.shared().with(|a| {
+        a.compact();
+        a.job_input()
+    });
     let procs = procs::collect(&input);
     let cpu_seconds = ops.shared().with(|a| a.account(&procs));
     JobProcs { procs, cpu_seconds }
@@ -274,16 +278,16 @@ pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot, which: Proces
             MetricType::Gauge,
             |p| p.pss as f64,
         ),
-        (
-            "process_cpu_seconds",
-            "",
-            "User and system CPU time spent in seconds",
-            MetricType::Counter,
-            |p| p.cpu_seconds,
-        ),
-        ("process_open_fds", "shmetrics_job_open_fds", "Number of open file descriptors", MetricType::Gauge, |p| {
-            p.open_fds as f64
+        ("process_cpu_seconds", "", "User and system CPU time spent in seconds", MetricType::Counter, |p| {
+            p.cpu_seconds
         }),
+        (
+            "process_open_fds",
+            "shmetrics_job_open_fds",
+            "Number of open file descriptors",
+            MetricType::Gauge,
+            |p| p.open_fds as f64,
+        ),
         (
             "process_start_time_seconds",
             "",
@@ -299,7 +303,9 @@ pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot, which: Proces
                 .iter()
                 .map(|p| (field(p), p.pid))
                 .filter(|(v, _)| *v >= 0.0)
-                .map(|(v, pid)| (Arc::new(LabelSet::new(vec![("pid".into(), pid.to_string())])), Value::F64(v)))
+                .map(|(v, pid)| {
+                    (Arc::new(LabelSet::new(vec![("pid".into(), pid.to_string())])), Value::F64(v))
+                })
                 .collect();
             if !series.is_empty() {
                 let help = format!("{help}, per process of the job (workers and masters).");

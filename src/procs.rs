@@ -18,6 +18,12 @@
 //!   and a forked worker on a full disk has none (it writes into its master's). Such workers count
 //!   as ready while they live, like Python workers, which have no way to say they are ready.
 //!
+//! One window is left: a master that loaded the application before forking (gunicorn's
+//! `preload_app`, uWSGI without `lazy-apps`) has written its files before it forks, and until then
+//! looks exactly like a single-process app. So a Python process that no other process of the job
+//! forked counts as ready only once it has run [`LONE_GRACE`] without forking: a preloading master
+//! forks its workers well within that, a single-process app is ready a few seconds late.
+//!
 //! # CPU time that never goes backwards
 //!
 //! A job-wide CPU counter summed over live processes drops whenever a worker dies. Instead each
@@ -59,6 +65,10 @@ impl Kind {
         self != Kind::Master
     }
 }
+
+/// How long a Python process that no process of the job forked must run without forking before it
+/// counts as a ready worker (see the module docs).
+pub const LONE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A process, as the kernel knows it across its life: pid and start time in clock ticks.
 pub type ProcKey = (i32, u64);
@@ -304,6 +314,14 @@ pub fn collect(input: &JobInput) -> Vec<ProcStats> {
             }
         }
     }
+    // A lone Python process may be a preloading master about to fork (see the module docs).
+    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    for s in &mut out {
+        let lone = s.kind == Kind::Python && !images.contains_key(&s.ppid);
+        if lone && now - s.start_time < LONE_GRACE.as_secs_f64() {
+            s.ready = false;
+        }
+    }
     out
 }
 
@@ -401,8 +419,9 @@ impl CpuLedger {
             seen.ppid = p.ppid;
             if p.kind == Kind::Master {
                 self.masters.insert(k);
-                if seen.base > 0.0 && !self.bases.contains_key(&k) {
-                    self.bases.insert(k, seen.base);
+                // Saved, so that a restarted aggregator continues this master's delta.
+                if let std::collections::hash_map::Entry::Vacant(e) = self.bases.entry(k) {
+                    e.insert(seen.base);
                     changed = true;
                 }
             }
@@ -448,10 +467,20 @@ mod tests {
         let mut l = CpuLedger::default();
         let gone = |_| false;
         // A master (pid 10, 5 s of its children reaped before we looked) and two workers.
-        l.account(&[p(10, 1, Kind::Master, 1.0, 5.0), p(11, 10, Kind::Shmetrics, 2.0, 0.0), p(12, 10, Kind::Shmetrics, 3.0, 0.0)], gone);
+        l.account(
+            &[
+                p(10, 1, Kind::Master, 1.0, 5.0),
+                p(11, 10, Kind::Shmetrics, 2.0, 0.0),
+                p(12, 10, Kind::Shmetrics, 3.0, 0.0),
+            ],
+            gone,
+        );
         assert_eq!(l.total(), 6.0);
         // Worker 11 dies after 2.5 s of CPU and is reaped; a worker 13 lives and dies unseen (4 s).
-        l.account(&[p(10, 1, Kind::Master, 1.0, 5.0 + 2.5 + 4.0), p(12, 10, Kind::Shmetrics, 3.5, 0.0)], gone);
+        l.account(
+            &[p(10, 1, Kind::Master, 1.0, 5.0 + 2.5 + 4.0), p(12, 10, Kind::Shmetrics, 3.5, 0.0)],
+            gone,
+        );
         assert_eq!(l.total(), 1.0 + 6.5 + 3.5);
         assert_eq!(l.archived(), 0.0, "the master carries its reaped workers");
         // The master dies (its workers too): its contribution goes to the archive, not lost.

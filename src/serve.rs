@@ -110,6 +110,8 @@ async fn metrics(ops: &Arc<Ops>, shared: &Arc<Shared>, req: &Request<Incoming>) 
     let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let format = Format::from_accept(header(ACCEPT));
     let gzip = accepts_gzip(header(ACCEPT_ENCODING));
+    // Who is a worker and the job's CPU time come from /proc (at most perf::TTL old).
+    ops.procs().await;
     let Some(mut snapshot) = shared.scrape().await else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "scrape failed; see the aggregator's log\n");
     };

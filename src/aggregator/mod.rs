@@ -161,8 +161,9 @@ pub struct Aggregator {
     master_files: std::collections::HashSet<[u8; 16]>,
     /// The job's CPU time and who the masters are, from the last look at `/proc`.
     cpu: procs::CpuLedger,
-    /// Workers found in `/proc` without a file of their own at the last look: (live, ready).
-    fileless_workers: (usize, usize),
+    /// Workers without a shmetrics file (Python workers, workers forked without a file) at the
+    /// last look at `/proc`: (live, ready).
+    other_workers: (usize, usize),
     dead_since_rebuild: usize,
     /// The merger epoch all mappings were made at.
     epoch_mapped: u64,
@@ -225,7 +226,7 @@ impl Aggregator {
             corrupt_archives: 0,
             master_files: Default::default(),
             cpu,
-            fileless_workers: (0, 0),
+            other_workers: (0, 0),
             dead_since_rebuild: 0,
             epoch_mapped: 0,
             ever_seen: false,
@@ -266,24 +267,17 @@ impl Aggregator {
         self.ever_seen
     }
 
-    /// Ready workers as of the last scan: shmetrics workers that set their ready flag, plus live
-    /// Python processes (prometheus_client has no way to say it is ready) and workers without a
-    /// file of their own found at the last [`Aggregator::account`]. Masters are not workers.
+    /// Ready workers: shmetrics workers that set their ready flag (as of the last scan), plus the
+    /// other workers found at the last [`Aggregator::account`] that count as ready (Python workers,
+    /// which have no way to say so, and workers forked without a file; see [`procs`]). Masters are
+    /// not workers.
     pub fn ready_workers(&self) -> usize {
-        self.workers.iter().filter(|w| w.ready && !w.master).count()
-            + self.python_workers()
-            + self.fileless_workers.1
+        self.workers.iter().filter(|w| w.ready && !w.master).count() + self.other_workers.1
     }
 
-    /// Live workers as of the last scan (masters not included), ready or not.
+    /// Live workers (masters not included), ready or not: see [`Aggregator::ready_workers`].
     pub fn live_workers(&self) -> usize {
-        self.workers.iter().filter(|w| !w.master).count() + self.python_workers() + self.fileless_workers.0
-    }
-
-    /// Live Python processes that are not masters.
-    fn python_workers(&self) -> usize {
-        let masters: std::collections::HashSet<i32> = self.cpu.masters().iter().map(|k| k.0).collect();
-        self.python_pids().iter().filter(|p| !masters.contains(p)).count()
+        self.workers.iter().filter(|w| !w.master).count() + self.other_workers.0
     }
 
     /// What [`procs::collect`] needs to know of the job.
@@ -314,11 +308,10 @@ impl Aggregator {
             self.totals.cpu_bases = self.cpu.bases();
             self.folds.touch();
         }
-        let mut known: std::collections::HashSet<i32> = self.python_pids().into_iter().collect();
-        known.extend(self.workers.iter().filter_map(|w| i32::try_from(w.pid).ok()));
-        let fileless = table.iter().filter(|p| p.kind.is_worker() && !known.contains(&p.pid));
-        let (live, ready) = fileless.fold((0, 0), |(l, r), p| (l + 1, r + usize::from(p.ready)));
-        self.fileless_workers = (live, ready);
+        let files: std::collections::HashSet<i32> =
+            self.workers.iter().filter_map(|w| i32::try_from(w.pid).ok()).collect();
+        let others = table.iter().filter(|p| p.kind.is_worker() && !files.contains(&p.pid));
+        self.other_workers = others.fold((0, 0), |(l, r), p| (l + 1, r + usize::from(p.ready)));
         self.stats.live_workers = self.live_workers();
         self.ever_seen |= self.stats.live_workers > 0;
         self.cpu.total()
@@ -840,16 +833,23 @@ impl Aggregator {
     }
 }
 
-impl Drop for Aggregator {
-    /// A last save at shutdown, so that what only the in-memory archive holds (CPU time of gone
-    /// processes) survives a graceful restart. Folded files are safe either way: until an archive
-    /// recording them is saved, they stay in the directory and the next aggregator folds them.
-    fn drop(&mut self) {
+impl Aggregator {
+    /// Saves the archive if it holds anything not on disk yet (at shutdown), so that what only the
+    /// in-memory archive holds (CPU time of gone processes, masters' bases) survives a graceful
+    /// restart. Folded files are safe either way: until an archive recording them is saved, they
+    /// stay in the directory and the next aggregator folds them.
+    pub fn flush(&mut self) {
         if !self.read_only && self.folds.is_dirty() {
             let (dir, merger, totals) = (&self.dir, &self.merger, &self.totals);
             self.folds.save(|folded| archive::save(dir, merger, totals, folded));
             self.folds.remove_saved();
         }
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -199,6 +199,7 @@ struct Servers {
     /// Where /metrics is served (the bound address, also when the port was 0).
     http_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
+    shared: std::sync::Arc<shmetrics::serve::Shared>,
     alarms: Option<std::sync::Arc<shmetrics::alarm::Pipeline>>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -241,13 +242,13 @@ impl Servers {
             tokio::spawn(shmetrics::monitor::serve(mon, ops.clone(), until(rx))),
         ];
         let mut background = vec![
-            tokio::spawn(shmetrics::serve::upkeep(shared, args.upkeep())),
+            tokio::spawn(shmetrics::serve::upkeep(shared.clone(), args.upkeep())),
             tokio::spawn(ops.clone().run_warmup()),
         ];
         if let Some(p) = &alarms {
             background.push(tokio::spawn(shmetrics::alarm::rules::run(ops.clone(), p.clone())));
         }
-        Ok(Servers { http_addr, stop, tasks, background, alarms, config: args.config.clone() })
+        Ok(Servers { http_addr, stop, shared, tasks, background, alarms, config: args.config.clone() })
     }
 
     /// Reloads the alarm configuration (SIGHUP). A bad file is refused with an error in the log,
@@ -276,6 +277,8 @@ impl Servers {
         for t in self.background {
             t.abort();
         }
+        // What only the in-memory archive holds goes to disk before we exit.
+        self.shared.with(|a| a.flush());
     }
 }
 

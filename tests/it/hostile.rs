@@ -184,7 +184,7 @@ fn a_full_disk_never_loses_dead_workers_totals() {
     assert_eq!(wl(&s), wl(&before), "totals after the restart");
     assert_eq!(get(&s, "shmetrics_workers_dead_total"), 4.0);
     assert_eq!(get(&s, "shmetrics_archive_save_errors_total"), 0.0, "a new aggregator counts anew");
-    drop(keeper);
+    let _ = keeper; // a live writer until the end of the test (this process)
 }
 
 /// The same through `shmetrics serve`: the failure is counted and logged, and the log says when
@@ -356,7 +356,7 @@ fn a_planted_archive_temporary_does_not_redirect_the_save() {
     assert_eq!(std::fs::read(&victim).expect("victim"), b"precious data\n");
     let m = std::fs::symlink_metadata(dir.join("archive.json")).expect("archive");
     assert!(m.is_file(), "archive.json must be a regular file, not {:?}", m.file_type());
-    drop(keeper);
+    let _ = keeper; // a live writer until the end of the test (this process)
 }
 
 /// An archive with `totals.dead_workers` forged to 1e9 and one series of `wl_requests_total`.
