@@ -152,16 +152,16 @@ fn a_full_disk_never_loses_dead_workers_totals() {
     held.stop();
     for round in 0..3 {
         let s = pass(&mut agg);
-        assert_eq!(wl(&s), wl(&before), "round {round}: totals while the disk is full");
-        assert_eq!(get(&s, "shmetrics_workers_dead_total"), 4.0, "round {round}");
-        assert_eq!(get(&s, "shmetrics_archive_save_errors_total"), (round + 1) as f64, "round {round}");
-        assert_eq!(get(&s, "shmetrics_files_pending_removal"), 4.0, "round {round}");
         for n in &dead_files {
             assert!(
                 dir.join(n).exists(),
                 "round {round}: {n} removed before any archive holding it was saved"
             );
         }
+        assert_eq!(wl(&s), wl(&before), "round {round}: totals while the disk is full");
+        assert_eq!(get(&s, "shmetrics_workers_dead_total"), 4.0, "round {round}");
+        assert_eq!(get(&s, "shmetrics_archive_save_errors_total"), (round + 1) as f64, "round {round}");
+        assert_eq!(get(&s, "shmetrics_files_pending_removal"), 4.0, "round {round}");
     }
     // A restart while the disk is still full: the new aggregator folds the files again itself.
     drop(agg);
