@@ -81,6 +81,7 @@ pub mod perf;
 pub mod python;
 pub mod reader;
 pub mod serve;
+pub mod slots;
 pub mod warmup;
 pub mod writer;
 

@@ -348,3 +348,17 @@ pub fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
     }
     labels
 }
+
+/// Raises this process's soft open-files limit to the hard limit, and panics with instructions if
+/// it stays below `need` (tests opening hundreds of sockets run beside others in this process).
+pub fn raise_open_files_limit(need: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+    assert!(
+        hard >= need,
+        "this test needs {need} open files, the hard limit is {hard}: raise it (`ulimit -Hn {need}` as root)"
+    );
+}
