@@ -6,6 +6,7 @@ mod alarm_actions;
 mod alarms;
 mod dir_rules;
 mod formats;
+mod http_limits;
 mod layout_doc;
 mod monitor;
 mod ops;
