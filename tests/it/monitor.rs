@@ -1002,3 +1002,63 @@ fn haproxy_keeps_a_healthy_server_up_under_a_slot_hog() {
     drop(hx);
     agg.assert_unharmed();
 }
+
+/// The soft open-files limit of process `pid`.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files");
+    line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("soft limit")
+}
+
+/// `shmetrics ARGS` started by a shell with a soft open-files limit of 256, the `serving` log line.
+fn with_low_soft_limit(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(util::shmetrics_bin())
+        .args(args)
+        .env("SHMETRICS_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let proc = Proc { child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving http://") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).expect("the `serving` log line");
+    (proc, line)
+}
+
+/// Both ports need a descriptor per connection: `serve` and `run` raise their soft open-files
+/// limit to the hard limit; the command `run` starts keeps the limit it was given.
+#[test]
+fn the_open_files_limit_is_raised_for_the_aggregator_only() {
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(hard > 256, "the hard open-files limit ({hard}) must be above 256 for this test");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let d = dir.to_str().expect("utf-8");
+    let (serve, _) = with_low_soft_limit(&["serve", "--dir", d, "--listen", "127.0.0.1:0"]);
+    assert_eq!(soft_open_files(serve.child.id()), hard);
+    drop(serve);
+
+    let (run, line) = with_low_soft_limit(&["run", "--listen", "127.0.0.1:0", "--", "sleep", "60"]);
+    let child: u32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split([',', ')']).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    assert_eq!(soft_open_files(run.child.id()), hard);
+    assert_eq!(soft_open_files(child), 256);
+    drop(run);
+}
