@@ -24,7 +24,7 @@
 //!   [`MAX_MEASUREMENTS`] at once, the next ones get a `503`;
 //! - at most [`MAX_BUILDING`] `/metrics` responses are built at once, the other requests wait
 //!   their turn. Merges are serialized by the aggregator's lock anyway, but each request held its
-//!   own snapshot and encoded body while 128 of them took turns on two runtime threads: memory
+//!   own snapshot and encoded body while dozens of them took turns on two runtime threads: memory
 //!   grew with the number of requests waiting, and encoding them all delayed everything else on
 //!   those threads (the monitor port's `health_check` included). Two at a time let one merge
 //!   while the other encodes.
@@ -59,8 +59,10 @@ use crate::ops::Ops;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a response write may make no progress before the connection is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 128;
+/// Connections served at once. A connection holds its whole response body while it is written,
+/// so this also bounds that memory (to this many times the size of `/metrics`); Prometheus needs
+/// one connection per server.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Over-limit connections being sent their `503` at once; further ones are closed without a word.
 pub const MAX_REJECTING: usize = 32;
 /// `/perf_metrics?interval=…` measurements running at once.
