@@ -192,10 +192,10 @@ impl Servers {
     async fn start(agg: shmetrics::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
         use anyhow::Context;
         let (http_addr, mon_addr) = (args.listen(), args.monitor());
-        let http = tokio::net::TcpListener::bind(http_addr).await.with_context(|| {
+        let http = listen(http_addr).with_context(|| {
             format!("cannot listen on {http_addr} (use --listen to pick another address)")
         })?;
-        let mon = tokio::net::TcpListener::bind(mon_addr).await.with_context(|| {
+        let mon = listen(mon_addr).with_context(|| {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
         let alarms = match &args.config {
@@ -254,6 +254,22 @@ impl Servers {
             t.abort();
         }
     }
+}
+
+/// Length of the listen queues. A burst of connections (a flood, or many clients at once) waits
+/// there for `accept` instead of having its handshakes dropped, which makes clients (a load
+/// balancer's health check among them) retry only a second later. std, mio and so tokio use 128;
+/// the kernel caps it at `net.core.somaxconn` (4096 by default).
+const BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with a [`BACKLOG`]-long queue.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std and tokio's `bind` do: a restarted aggregator can rebind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Raises the soft limit on open files to the hard limit. Both ports hold a descriptor per

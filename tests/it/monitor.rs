@@ -1062,3 +1062,36 @@ fn the_open_files_limit_is_raised_for_the_aggregator_only() {
     assert_eq!(soft_open_files(child), 256);
     drop(run);
 }
+
+/// A burst of connections while the aggregator cannot accept (here: stopped) waits in the listen
+/// queue (1024 long, not the usual 128) instead of having its handshakes dropped, and each is
+/// served once the aggregator resumes.
+#[test]
+fn a_burst_of_connections_waits_in_the_listen_queue() {
+    let burst = 500;
+    util::raise_open_files_limit(4 * burst as u64);
+    let agg = Agg::start(&[], &[]);
+    let m = agg.monitor;
+    agg.served.proc.signal(Signal::SIGSTOP);
+    let mut conns = Vec::new();
+    let mut failed = None;
+    for i in 0..burst {
+        match TcpStream::connect_timeout(&m, Duration::from_secs(1)) {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                failed = Some(format!("connection {i}: {e}"));
+                break;
+            }
+        }
+    }
+    agg.served.proc.signal(Signal::SIGCONT);
+    assert_eq!(failed, None, "the listen queue overflowed");
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.write_all(b"health_check\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(out, "Instance is booting\n", "connection {i}");
+    }
+    agg.assert_unharmed();
+}
