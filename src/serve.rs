@@ -8,8 +8,8 @@
 //! # Limits
 //!
 //! Every connection holds a descriptor, buffers and, while its response is being written, the
-//! whole response body; without limits, 2,000 concurrent scrapers took the aggregator from 17 to
-//! 650 MB resident (BENCHMARKS.md, section (e)). So:
+//! whole response body; without limits, 2,000 concurrent scrapers took the aggregator from 16 to
+//! 720 MiB resident, 486 MiB of it still there 30 s later (BENCHMARKS.md, section (e)). So:
 //!
 //! - [`MAX_CONNECTIONS`] connections at once. The next ones get a short `503` ("too many
 //!   connections", `Retry-After: 1`) and are closed, [`MAX_REJECTING`] at a time (further ones are
