@@ -84,6 +84,7 @@ pub mod procs;
 pub mod python;
 pub mod reader;
 pub mod serve;
+pub mod slots;
 pub mod trust;
 pub mod warmup;
 pub mod writer;

@@ -23,22 +23,36 @@
 //!
 //! # Limits
 //!
-//! The monitor port must never hurt the aggregator, whatever its clients do:
+//! The monitor port must never hurt the aggregator, whatever its clients do, and must keep
+//! answering `health_check` while hostile clients hold connections open (a load balancer that
+//! gets no answer takes a healthy job out of service):
 //!
 //! - [`MAX_LINE`]: a longer line gets an `Error:` line and the connection is closed;
 //! - [`LINE_TIMEOUT`]: time allowed for the command line after connecting (slow or silent clients
 //!   get an `Error:` line and are closed); [`IDLE_TIMEOUT`] replaces it in interactive mode, for
 //!   each line;
 //! - [`WRITE_TIMEOUT`]: a client that does not read its reply is dropped;
-//! - [`MAX_CONNECTIONS`]: connections served at once; the next ones get
-//!   `Error: too many connections …` and are closed ([`MAX_REJECTING`] of those at a time, beyond
-//!   which connections are closed without a word);
-//! - [`MAX_INTERVAL`]: the longest `perf_metrics` measuring interval;
+//! - [`MAX_CONNECTIONS`] connections at once ([`crate::slots`]). An idle connection costs a
+//!   descriptor and a few hundred bytes, so the limit is high; when it is reached, the connection
+//!   idle the longest is closed to make room for the newcomer. Idle is everything but running a
+//!   command: waiting for the first complete line, waiting for the next one in interactive mode,
+//!   writing the reply, lingering after it. So silent, slow or non-reading clients, however many
+//!   and however often they reconnect, cannot keep a `health_check` out (the newcomer sends its
+//!   line at once, so it is the newest idle connection while it is idle). Only when every slot is
+//!   running a command is the newcomer told `Error: too many connections …` and closed
+//!   ([`MAX_REJECTING`] of those at a time, beyond which connections are closed without a word);
+//! - commands are short, except `perf_metrics` with an interval (up to [`MAX_INTERVAL`]): at most
+//!   [`MAX_MEASUREMENTS`] of those run at once, the next ones get an `Error:` line, so they cannot
+//!   hold the slots;
 //! - after the reply, the connection's write side is shut and unread input is drained for at most
 //!   [`LINGER`] (so pipelined input does not turn the close into a reset that would destroy the
 //!   reply);
 //! - at shutdown, idle connections are closed at once and commands in progress get
 //!   [`SHUTDOWN_GRACE`].
+//!
+//! The process needs a descriptor per connection: `shmetrics serve` and `run` raise their
+//! `RLIMIT_NOFILE` soft limit to the hard limit at start and log a warning if it stays below what
+//! both ports may hold at once.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -51,6 +65,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::ops::Ops;
+use crate::slots::{Admit, Slot, Slots};
 
 /// Longest command line, in bytes, without its `\n`.
 pub const MAX_LINE: usize = 4096;
@@ -60,20 +75,26 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write a reply.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Over-limit connections being told so at once; further ones are closed without a reply.
+/// Connections open at once; beyond, the one idle the longest is closed to make room.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections being told "too many connections" at once (when every slot runs a command);
+/// further ones are closed without a reply.
 pub const MAX_REJECTING: usize = 64;
 /// Longest `perf_metrics` measuring interval, in seconds.
 pub const MAX_INTERVAL: f64 = 10.0;
+/// `perf_metrics` measurements (with an interval) running at once.
+pub const MAX_MEASUREMENTS: usize = 4;
 /// How long unread input is drained after the reply before the connection is closed.
 pub const LINGER: Duration = Duration::from_secs(1);
 /// At most this much unread input is drained after the reply.
 const LINGER_BYTES: usize = 64 * 1024;
 /// How long commands in progress get to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// At most one "too many connections" warning in the log per this period.
+/// At most one "too many connections" (or eviction) warning in the log per this period.
 const REJECT_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Told to a connection closed to make room, when it was waiting for a command line.
+const EVICTED: &str = "Error: closed to make room for new connections (too many open); \
+                       send the command right after connecting\n";
 
 /// A command of the monitor port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,11 +155,13 @@ const COMMANDS: &[(&str, Command, &str)] = &[
 /// Serves the monitor protocol on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let serving = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS);
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    let measuring = Arc::new(Semaphore::new(MAX_MEASUREMENTS));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut last_reject_log: Option<Instant> = None;
+    let mut last_evict_log: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
@@ -158,22 +181,33 @@ pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: impl Future<O
                 }
             },
         };
-        match Arc::clone(&serving).try_acquire_owned() {
-            Ok(permit) => {
-                tracing::debug!(%peer, "monitor connection");
-                conns.spawn(connection(stream, Arc::clone(&ops), stop_rx.clone(), permit));
+        let slot = match slots.admit() {
+            Admit::Free(slot) => slot,
+            Admit::Evicted(slot) => {
+                if last_evict_log.is_none_or(|t| t.elapsed() >= REJECT_LOG_PERIOD) {
+                    tracing::warn!(
+                        %peer,
+                        "monitor port: {MAX_CONNECTIONS} connections open; closing the one idle the longest"
+                    );
+                    last_evict_log = Some(Instant::now());
+                }
+                slot
             }
-            Err(_) => {
+            Admit::Full => {
                 if last_reject_log.is_none_or(|t| t.elapsed() >= REJECT_LOG_PERIOD) {
-                    tracing::warn!(%peer, "monitor port: more than {MAX_CONNECTIONS} connections; refusing");
+                    tracing::warn!(%peer, "monitor port: {MAX_CONNECTIONS} commands running; refusing");
                     last_reject_log = Some(Instant::now());
                 }
                 if let Ok(permit) = Arc::clone(&rejecting).try_acquire_owned() {
                     conns.spawn(reject(stream, permit));
                 }
                 // Else the stream is dropped: closed without a word.
+                continue;
             }
-        }
+        };
+        tracing::debug!(%peer, "monitor connection");
+        let ctx = Context { ops: Arc::clone(&ops), measuring: Arc::clone(&measuring) };
+        conns.spawn(connection(stream, ctx, stop_rx.clone(), slot));
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -196,6 +230,11 @@ async fn reject(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
 /// the close is not a reset, and closes.
 async fn close(mut stream: TcpStream) {
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.shutdown()).await;
+    drain(&mut stream).await;
+}
+
+/// Reads and drops unread input for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn drain(stream: &mut TcpStream) {
     let _ = tokio::time::timeout(LINGER, async {
         let mut buf = [0u8; 4096];
         let mut drained = 0;
@@ -216,6 +255,7 @@ enum Read {
     TooLong,
     TimedOut,
     Shutdown,
+    Evicted,
     Failed(std::io::Error),
 }
 
@@ -232,6 +272,7 @@ impl Input {
         stream: &mut TcpStream,
         deadline: tokio::time::Instant,
         stop: &mut watch::Receiver<bool>,
+        slot: &Slot,
     ) -> Read {
         let mut scanned = 0;
         loop {
@@ -257,24 +298,27 @@ impl Input {
                     Ok(Err(e)) => return Read::Failed(e),
                 },
                 _ = stop.wait_for(|s| *s) => return Read::Shutdown,
+                () = slot.evicted() => return Read::Evicted,
             }
         }
     }
 }
 
-/// Serves one connection.
-async fn connection(
-    mut stream: TcpStream,
+/// What a connection needs besides its socket.
+struct Context {
     ops: Arc<Ops>,
-    mut stop: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
-) {
+    /// Permits for `perf_metrics` measurements ([`MAX_MEASUREMENTS`]).
+    measuring: Arc<Semaphore>,
+}
+
+/// Serves one connection. The slot is busy (cannot be evicted) only while a command runs.
+async fn connection(mut stream: TcpStream, ctx: Context, mut stop: watch::Receiver<bool>, slot: Slot) {
     let mut input = Input { buf: Vec::new() };
     let mut interactive = false;
     let mut last: Option<Vec<Token>> = None;
     let mut deadline = tokio::time::Instant::now() + LINE_TIMEOUT;
     loop {
-        let reply = match input.line(&mut stream, deadline, &mut stop).await {
+        let reply = match input.line(&mut stream, deadline, &mut stop, &slot).await {
             Read::Line(line) => {
                 let words = split(&line);
                 let words = if words.is_empty() {
@@ -287,7 +331,12 @@ async fn connection(
                     last = Some(words.clone());
                     words
                 };
-                let (text, mode) = execute(&ops, &words).await;
+                if !slot.busy() {
+                    // Evicted just before: the newcomer has the slot; nothing runs.
+                    return;
+                }
+                let (text, mode) = execute(&ctx, &words).await;
+                slot.idle();
                 match mode {
                     Mode::Same => {}
                     Mode::Interactive => interactive = true,
@@ -304,6 +353,11 @@ async fn connection(
                 interactive = false;
                 format!("Error: no complete command line within {} s; closing\n", limit.as_secs())
             }
+            Read::Evicted => {
+                // Best effort, never waiting: the client may not read at all.
+                let _ = stream.try_write(EVICTED.as_bytes());
+                return;
+            }
             // The client went away (or we are stopping) before ending its line: nothing runs.
             Read::Eof | Read::Shutdown => return,
             Read::Failed(e) => {
@@ -311,7 +365,15 @@ async fn connection(
                 return;
             }
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(reply.as_bytes())).await {
+        let write = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(reply.as_bytes()));
+        let written = tokio::select! {
+            w = write => w,
+            () = slot.evicted() => {
+                tracing::debug!("monitor connection: evicted while writing its reply");
+                return;
+            }
+        };
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!("monitor connection: {e}");
@@ -327,7 +389,10 @@ async fn connection(
         }
         deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     }
-    close(stream).await;
+    tokio::select! {
+        () = close(stream) => {}
+        () = slot.evicted() => {}
+    }
 }
 
 /// How a command changes the connection's mode.
@@ -338,7 +403,8 @@ enum Mode {
 }
 
 /// Runs a command (`words` is not empty) and returns its reply.
-async fn execute(ops: &Arc<Ops>, words: &[Token]) -> (String, Mode) {
+async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
+    let ops = &ctx.ops;
     let Some((name, args)) = words.split_first() else {
         return (String::new(), Mode::Same);
     };
@@ -403,8 +469,27 @@ async fn execute(ops: &Arc<Ops>, words: &[Token]) -> (String, Mode) {
                 Ok(i) => i,
                 Err(e) => return (e, Mode::Same),
             };
+            // A measurement holds its connection (busy, so not evictable) for its interval.
+            let permit = match interval {
+                None => None,
+                Some(_) => match Arc::clone(&ctx.measuring).try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        let e = format!(
+                            "Error: too many perf_metrics measurements at once (limit {MAX_MEASUREMENTS}); \
+                             try again later, or without an interval\n"
+                        );
+                        return (e, Mode::Same);
+                    }
+                },
+            };
             let ops = Arc::clone(ops);
-            match tokio::spawn(async move { ops.perf_metrics(interval).await }).await {
+            let run = async move {
+                let doc = ops.perf_metrics(interval).await;
+                drop(permit);
+                doc
+            };
+            match tokio::spawn(run).await {
                 // serde_json's compact form escapes newlines in strings: one line.
                 Ok(doc) => (format!("{doc}\n"), Mode::Same),
                 Err(e) => (failed("perf_metrics", &e), Mode::Same),

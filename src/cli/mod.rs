@@ -211,10 +211,10 @@ impl Servers {
     async fn start(agg: shmetrics::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
         use anyhow::Context;
         let (http_addr, mon_addr) = (args.listen(), args.monitor());
-        let http = tokio::net::TcpListener::bind(http_addr).await.with_context(|| {
+        let http = listen(http_addr).with_context(|| {
             format!("cannot listen on {http_addr} (use --listen to pick another address)")
         })?;
-        let mon = tokio::net::TcpListener::bind(mon_addr).await.with_context(|| {
+        let mon = listen(mon_addr).with_context(|| {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
         let alarms = match &args.config {
@@ -282,6 +282,70 @@ impl Servers {
     }
 }
 
+/// Length of the listen queues. A burst of connections (a flood, or many clients at once) waits
+/// there for `accept` instead of having its handshakes dropped, which makes clients (a load
+/// balancer's health check among them) retry only a second later. std, mio and so tokio use 128;
+/// the kernel caps it at `net.core.somaxconn` (4096 by default).
+const BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with a [`BACKLOG`]-long queue.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std and tokio's `bind` do: a restarted aggregator can rebind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Raises the soft limit on open files to the hard limit. Both ports hold a descriptor per
+/// connection (up to `monitor::MAX_CONNECTIONS` + `serve::MAX_CONNECTIONS`, plus those being told
+/// "too many"), besides one per worker file: with the usual soft limit of 1024, a flood of
+/// connections would make `accept` fail, and refuse health checks with it. Children started
+/// before this keep the limit they inherited (`run` calls it after starting its command).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use shmetrics::{monitor, serve};
+    // Both ports full, plus worker files, listeners, logs and pipes.
+    let wanted = (monitor::MAX_CONNECTIONS
+        + monitor::MAX_REJECTING
+        + serve::MAX_CONNECTIONS
+        + serve::MAX_REJECTING
+        + 1024) as u64;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("cannot read the open-files limit (RLIMIT_NOFILE): {e}");
+            return;
+        }
+    };
+    let mut now = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => now = hard,
+            Err(e) => tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}"),
+        }
+    }
+    if now < wanted {
+        tracing::warn!(
+            "the open-files limit (RLIMIT_NOFILE) is {now}, below the {wanted} a flood of connections \
+             may need; raise the hard limit (`ulimit -Hn`, systemd `LimitNOFILE=`, supervisord `minfds`)"
+        );
+    } else {
+        tracing::debug!("open-files limit {now}");
+    }
+}
+
+/// Threads of tokio's blocking pool (scrapes, health checks, /proc reads, DNS). Everything there
+/// takes the one aggregator lock or is short, so more threads add no throughput; tokio's default
+/// (512) let a burst of scrapes start hundreds of threads, each with its own malloc arena, and
+/// the memory stayed resident after the burst.
+const BLOCKING_THREADS: usize = 8;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(BLOCKING_THREADS)
+        .enable_all()
+        .build()?)
 }

@@ -76,6 +76,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {program:?}"))?;
+        // After the spawn: the command keeps the limit it would have had without us.
+        super::raise_open_files_limit();
         let pid = child.id().context("child has no pid")?;
         tracing::info!(
             "serving http://{addr}/metrics for {} (pid {pid}, SHMETRICS_DIR={})",

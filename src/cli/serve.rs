@@ -9,6 +9,7 @@ use super::{ServeArgs, Servers};
 
 pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let agg = Aggregator::open(&args.dir, &args.agg.options())?;
+    super::raise_open_files_limit();
     let rt = super::runtime()?;
     rt.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;

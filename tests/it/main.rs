@@ -8,6 +8,7 @@ mod dir_rules;
 mod formats;
 mod full_disk;
 mod hostile;
+mod http_limits;
 mod layout_doc;
 mod monitor;
 mod ops;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use shmetrics::monitor::{LINE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE};
+use shmetrics::monitor::{LINE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE, MAX_MEASUREMENTS};
 
 use crate::util::{self, Proc, Served};
 
@@ -408,74 +408,224 @@ fn slow_client_times_out() {
     agg.assert_unharmed();
 }
 
-/// 100 simultaneous connections: MAX_CONNECTIONS are served, the others told so and closed;
-/// /metrics keeps working throughout.
+/// What a connection closed to make room is told.
+const EVICTED: &str =
+    "Error: closed to make room for new connections (too many open); send the command right after connecting\n";
+
+/// `Some(bytes received)` once the server has closed `s`, `None` while it is open (reads what is
+/// there without waiting).
+fn closed(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let r = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break Some(got),
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    s.set_nonblocking(false).expect("blocking");
+    r
+}
+
+/// Connects and runs `command` in interactive mode; returns once the server has read the
+/// command line (it answered `interactive` first), so the command is running.
+fn start_interactive(addr: SocketAddr, command: &str) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(format!("interactive\n{command}\n").as_bytes()).expect("write");
+    read_exactly(&mut s, INTERACTIVE);
+    s
+}
+
+/// With every slot taken, newcomers are still served: each evicts the connection idle the
+/// longest, which is told so and closed. A connection running a command is never evicted, and one
+/// that just ran a command counts as idle only from then.
 #[test]
-fn connection_cap() {
+fn a_full_port_evicts_the_longest_idle_connection() {
+    util::raise_open_files_limit(4 * MAX_CONNECTIONS as u64);
     let agg = Agg::start(&[], &[]);
     let m = agg.monitor;
-    let total = 100;
-    let mut conns: Vec<TcpStream> = (0..total).map(|_| connect(m)).collect();
-
-    // Over-cap connections get one error line and EOF at once; the others wait for a command.
-    let mut rejected = vec![None::<String>; total];
-    let started = Instant::now();
-    loop {
-        for (i, c) in conns.iter_mut().enumerate() {
-            if rejected[i].is_some() {
-                continue;
-            }
-            c.set_nonblocking(true).expect("nonblocking");
-            let mut buf = Vec::new();
-            match c.read_to_end(&mut buf) {
-                Ok(_) => rejected[i] = Some(String::from_utf8_lossy(&buf).into_owned()),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    assert!(buf.is_empty() || buf.ends_with(b"\n"), "partial: {buf:?}");
-                    if !buf.is_empty() {
-                        // Reply arrived, EOF not yet.
-                        c.set_nonblocking(false).expect("blocking");
-                        c.read_to_end(&mut buf).expect("read");
-                        rejected[i] = Some(String::from_utf8_lossy(&buf).into_owned());
-                    }
-                }
-                Err(e) => panic!("connection {i}: {e}"),
-            }
-            c.set_nonblocking(false).expect("blocking");
-        }
-        let n = rejected.iter().flatten().count();
-        if n >= total - MAX_CONNECTIONS && started.elapsed() > Duration::from_millis(500) {
-            break;
-        }
-        assert!(started.elapsed() < T, "only {n} connections were refused");
-        std::thread::sleep(Duration::from_millis(50));
+    // conns[1] runs a 5 s measurement (busy); the others are silent.
+    let mut conns: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+        .map(|i| if i == 1 { start_interactive(m, "perf_metrics 5") } else { connect(m) })
+        .collect();
+    // Newcomers stay open (interactive), so no slot is ever freed: each one evicts.
+    let newcomer = || {
+        let mut s = start_interactive(m, "health_check");
+        read_exactly(&mut s, "Instance is booting\n");
+        s
+    };
+    let mut newcomers = vec![newcomer()];
+    // The port was full (connections are admitted in order): the oldest went.
+    let b = util::wait_for(T, "conns[0] to be evicted", || closed(&mut conns[0]));
+    assert_eq!(String::from_utf8_lossy(&b), EVICTED);
+    // conns[2] runs a command: idle again from now, the youngest of the old ones.
+    conns[2].write_all(b"interactive\n").expect("write");
+    read_exactly(&mut conns[2], INTERACTIVE);
+    newcomers.push(newcomer());
+    newcomers.push(newcomer());
+    for i in [3, 4] {
+        let b = util::wait_for(T, "an eviction", || closed(&mut conns[i]));
+        assert_eq!(String::from_utf8_lossy(&b), EVICTED, "conns[{i}]");
     }
-    let over = format!("Error: too many connections (limit {MAX_CONNECTIONS}); try again later\n");
-    for r in rejected.iter().flatten() {
-        assert_eq!(r, &over);
+    for (i, c) in conns.iter_mut().enumerate().filter(|(i, _)| ![0, 3, 4].contains(i)) {
+        assert_eq!(closed(c), None, "conns[{i}] was closed");
     }
-    assert_eq!(rejected.iter().flatten().count(), total - MAX_CONNECTIONS);
 
-    // The aggregator does not care.
-    let snap = util::scrape(agg.served.addr);
-    assert!(snap.contains("shmetrics"), "{snap}");
-
-    // The accepted ones are served.
-    let mut served = 0;
-    for (i, c) in conns.iter_mut().enumerate() {
-        if rejected[i].is_none() {
-            c.write_all(b"health_check\r\n").expect("write");
-            let mut out = String::new();
-            c.read_to_string(&mut out).expect("read");
-            assert_eq!(out, "Instance is booting\n");
-            served += 1;
-        }
+    // The busy one finishes its measurement; the others still answer.
+    let mut line = String::new();
+    BufReader::new(conns[1].try_clone().expect("clone")).read_line(&mut line).expect("perf_metrics reply");
+    let doc: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(doc["instance"]["uptime"].is_number(), "{doc}");
+    conns[2].write_all(b"health_check\n").expect("write");
+    read_exactly(&mut conns[2], "Instance is booting\n");
+    for s in &mut newcomers {
+        s.write_all(b"\n").expect("write");
+        read_exactly(s, "Instance is booting\n");
     }
-    assert_eq!(served, MAX_CONNECTIONS);
-    drop(conns);
+    assert!(agg.log().contains("connections open; closing the one idle the longest"), "{}", agg.log());
+    drop((conns, newcomers));
     // Capacity comes back.
-    util::wait_for(T, "a new connection to be served", || {
-        (agg.health() == "Instance is booting\n").then_some(())
-    });
+    assert_eq!(agg.health(), "Instance is booting\n");
+    agg.assert_unharmed();
+}
+
+/// Hostile clients of the monitor port, `n` connections from a few threads: a third silent, a
+/// third trickling a partial line (one byte a second), a third idle in interactive mode. Every
+/// connection the server cuts is reopened at once.
+struct Hog {
+    stop: Arc<AtomicBool>,
+    cuts: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hog {
+    fn start(addr: SocketAddr, n: usize) -> Hog {
+        util::raise_open_files_limit(4 * n as u64);
+        let (stop, cuts) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let threads = (0..4)
+            .map(|t| {
+                let (stop, cuts) = (stop.clone(), cuts.clone());
+                std::thread::spawn(move || {
+                    let open = |kind: usize| -> Option<TcpStream> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+                        if kind == 2 {
+                            s.write_all(b"interactive\n").ok()?;
+                        }
+                        s.set_nonblocking(true).ok()?;
+                        Some(s)
+                    };
+                    let kinds: Vec<usize> = (0..n).filter(|i| i % 4 == t).map(|i| i % 3).collect();
+                    let mut socks: Vec<Option<TcpStream>> = kinds.iter().map(|&k| open(k)).collect();
+                    let mut last_trickle = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        let trickle = last_trickle.elapsed() >= Duration::from_secs(1);
+                        if trickle {
+                            last_trickle = Instant::now();
+                        }
+                        for (sock, &kind) in socks.iter_mut().zip(&kinds) {
+                            let mut cut = sock.is_none();
+                            if let Some(s) = sock.as_mut() {
+                                let mut b = [0u8; 512];
+                                loop {
+                                    match s.read(&mut b) {
+                                        Ok(0) => cut = true,
+                                        Ok(_) => continue,
+                                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                                        Err(_) => cut = true,
+                                    }
+                                    break;
+                                }
+                                if kind == 1 && trickle && !cut && s.write_all(b"h").is_err() {
+                                    cut = true;
+                                }
+                            }
+                            if cut {
+                                if sock.is_some() {
+                                    cuts.fetch_add(1, Ordering::Relaxed);
+                                }
+                                *sock = open(kind);
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            })
+            .collect();
+        Hog { stop, cuts, threads }
+    }
+
+    /// Stops the hog; how many of its connections the server cut.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().expect("hog thread");
+        }
+        self.cuts.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Twice MAX_CONNECTIONS silent, trickling and idle connections, reopened whenever cut, for
+/// longer than LINE_TIMEOUT: every `health_check` is answered `OK`, none is refused.
+#[test]
+fn slot_hogs_cannot_keep_health_checks_out() {
+    let agg = Agg::start(&[], &[]);
+    let _app = Prefork::start(&agg.dir, "127.0.0.1:0", 2);
+    agg.wait_health("OK");
+    let hog = Hog::start(agg.monitor, 2 * MAX_CONNECTIONS);
+    // Let it fill the port first.
+    std::thread::sleep(Duration::from_secs(1));
+    let start = Instant::now();
+    let mut answers = Vec::new();
+    while start.elapsed() < LINE_TIMEOUT + Duration::from_secs(2) {
+        // `ask` reads with a 20 s timeout: a hang fails the test instead of stalling it.
+        answers.push(ask(agg.monitor, b"health_check\r\n"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cuts = hog.stop();
+    let not_ok: Vec<&String> = answers.iter().filter(|a| *a != "OK\n").collect();
+    assert!(not_ok.is_empty(), "{} of {} health checks were not OK: {not_ok:?}", not_ok.len(), answers.len());
+    assert!(answers.len() >= 20, "only {} health checks", answers.len());
+    // The hog was really there: its connections were evicted and reopened.
+    assert!(cuts >= MAX_CONNECTIONS, "only {cuts} hog connections were cut");
+    assert!(agg.log().contains("closing the one idle the longest"), "{}", agg.log());
+    agg.assert_unharmed();
+}
+
+/// At most MAX_MEASUREMENTS `perf_metrics <interval>` run at once; the next one is told so, and
+/// `perf_metrics` without an interval still answers.
+#[test]
+fn perf_metrics_measurements_are_limited() {
+    let agg = Agg::start(&[], &[]);
+    let m = agg.monitor;
+    let mut running: Vec<TcpStream> =
+        (0..MAX_MEASUREMENTS).map(|_| start_interactive(m, "perf_metrics 3")).collect();
+    let refused = format!(
+        "Error: too many perf_metrics measurements at once (limit {MAX_MEASUREMENTS}); try again later, \
+         or without an interval\n"
+    );
+    assert_eq!(ask(m, b"perf_metrics 0.1\n"), refused);
+    assert_eq!(ask(m, b"perf_metrics - 2\n"), refused);
+    let doc: serde_json::Value = serde_json::from_str(&ask(m, b"perf_metrics\n")).expect("JSON");
+    assert!(doc["instance"]["uptime"].is_number(), "{doc}");
+    for s in &mut running {
+        let mut line = String::new();
+        BufReader::new(s.try_clone().expect("clone")).read_line(&mut line).expect("reply");
+        let doc: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(doc["instance"]["uptime"].is_number(), "{doc}");
+    }
+    // Finished: measurements are possible again.
+    let doc: serde_json::Value = serde_json::from_str(&ask(m, b"perf_metrics 0.1\n")).expect("JSON");
+    assert!(doc["instance"]["uptime"].is_number(), "{doc}");
     agg.assert_unharmed();
 }
 
@@ -741,49 +891,58 @@ fn render_haproxy_cfg(sock: &Path, frontend: u16, app: SocketAddr, monitor: Sock
     cfg
 }
 
+impl Haproxy {
+    /// haproxy with conf/haproxy.cfg checking `agg`'s monitor port for an app server on `app`.
+    /// Returns it and its frontend's address.
+    fn start(agg: &Agg, app: SocketAddr) -> (Haproxy, SocketAddr) {
+        // Debian installs it in /usr/sbin, which is not on every user's PATH.
+        let haproxy = ["haproxy", "/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|h| Command::new(h).arg("-v").output().is_ok_and(|o| o.status.success()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "haproxy is not installed: this test runs a real HAProxy against conf/haproxy.cfg. \
+                     Install it with `apt-get install -y haproxy` (Debian/Ubuntu; .ci/run does it)."
+                )
+            });
+        let tmp = agg.tmp.path();
+        let sock = tmp.join("haproxy.sock");
+        let frontend = free_port();
+        let cfg_path = tmp.join("haproxy.cfg");
+        std::fs::write(&cfg_path, render_haproxy_cfg(&sock, frontend, app, agg.monitor)).expect("write cfg");
+
+        let check = Command::new(haproxy).arg("-c").arg("-f").arg(&cfg_path).output().expect("haproxy -c");
+        assert!(
+            check.status.success(),
+            "haproxy -c: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let log = tmp.join("haproxy.log");
+        let log_file = std::fs::File::create(&log).expect("log");
+        let child = Command::new(haproxy)
+            .arg("-f")
+            .arg(&cfg_path)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn haproxy");
+        let hx = Haproxy { proc: Proc { child }, sock, log };
+        util::wait_for(T, "haproxy's stats socket", || hx.server_state());
+        (hx, format!("127.0.0.1:{frontend}").parse().expect("addr"))
+    }
+}
+
 /// A real haproxy health-checks an app server through the monitor port as conf/haproxy.cfg
 /// says: DOWN while the job is booting, UP once its workers are ready (and traffic flows), DOWN
 /// again when they are gone.
 #[test]
 fn haproxy_checks_the_monitor_port() {
-    // Debian installs it in /usr/sbin, which is not on every user's PATH.
-    let haproxy = ["haproxy", "/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-        .into_iter()
-        .find(|h| Command::new(h).arg("-v").output().is_ok_and(|o| o.status.success()))
-        .unwrap_or_else(|| {
-            panic!(
-                "haproxy is not installed: this test runs a real HAProxy against conf/haproxy.cfg. \
-                 Install it with `apt-get install -y haproxy` (Debian/Ubuntu; .ci/run does it)."
-            )
-        });
     let agg = Agg::start(&[], &[]);
-    let tmp = agg.tmp.path();
-    let sock = tmp.join("haproxy.sock");
-    let (frontend, app_port) = (free_port(), free_port());
-    let app: SocketAddr = format!("127.0.0.1:{app_port}").parse().expect("addr");
-    let cfg_path = tmp.join("haproxy.cfg");
-    std::fs::write(&cfg_path, render_haproxy_cfg(&sock, frontend, app, agg.monitor)).expect("write cfg");
-
-    let check = Command::new(haproxy).arg("-c").arg("-f").arg(&cfg_path).output().expect("haproxy -c");
-    assert!(
-        check.status.success(),
-        "haproxy -c: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let log = tmp.join("haproxy.log");
-    let log_file = std::fs::File::create(&log).expect("log");
-    let child = Command::new(haproxy)
-        .arg("-f")
-        .arg(&cfg_path)
-        .arg("-db")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn haproxy");
-    let mut hx = Haproxy { proc: Proc { child }, sock, log };
-    util::wait_for(T, "haproxy's stats socket", || hx.server_state());
+    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let (mut hx, through) = Haproxy::start(&agg, app);
 
     // Booting: the check reads "Instance is booting", no "OK": DOWN.
     hx.wait_status("DOWN", Duration::from_secs(8));
@@ -798,7 +957,6 @@ fn haproxy_checks_the_monitor_port() {
     assert_eq!(app_proc.addr, app);
     agg.wait_health("OK");
     hx.wait_status("UP", Duration::from_secs(8));
-    let through: SocketAddr = format!("127.0.0.1:{frontend}").parse().expect("addr");
     let r = util::http_get(through, "/", &[]);
     assert_eq!(r.status, 200);
     assert!(r.text().starts_with("hello from "), "{}", r.text());
@@ -809,5 +967,131 @@ fn haproxy_checks_the_monitor_port() {
     hx.wait_status("DOWN", Duration::from_secs(8));
     assert!(matches!(hx.proc.child.try_wait(), Ok(None)), "haproxy exited");
     drop(hx);
+    agg.assert_unharmed();
+}
+
+/// The slot hog against a real haproxy: the healthy server stays UP (with `inter 2s fall 2`, two
+/// refused checks in a row would take it DOWN) while twice MAX_CONNECTIONS hostile connections
+/// are held and reopened, for longer than LINE_TIMEOUT.
+#[test]
+fn haproxy_keeps_a_healthy_server_up_under_a_slot_hog() {
+    let agg = Agg::start(&[], &[]);
+    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let (hx, through) = Haproxy::start(&agg, app);
+    let _app = Prefork::start(&agg.dir, &app.to_string(), 2);
+    agg.wait_health("OK");
+    hx.wait_status("UP", Duration::from_secs(8));
+
+    let hog = Hog::start(agg.monitor, 2 * MAX_CONNECTIONS);
+    let start = Instant::now();
+    let mut states = Vec::new();
+    while start.elapsed() < LINE_TIMEOUT + Duration::from_secs(4) {
+        let state = hx.server_state().expect("haproxy state");
+        // A check in progress is shown as "* <last status>".
+        if state.0 != "UP" || !state.1.trim_start_matches("* ").starts_with("L7OK") {
+            states.push((start.elapsed(), state));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cuts = hog.stop();
+    let log = std::fs::read_to_string(&hx.log).unwrap_or_default();
+    assert!(states.is_empty(), "under the hog haproxy saw: {states:?}\n{log}");
+    assert!(cuts >= MAX_CONNECTIONS, "only {cuts} hog connections were cut");
+    // Traffic still flows.
+    assert_eq!(util::http_get(through, "/", &[]).status, 200);
+    drop(hx);
+    agg.assert_unharmed();
+}
+
+/// The soft open-files limit of process `pid`.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files");
+    line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("soft limit")
+}
+
+/// `shmetrics ARGS` started by a shell with a soft open-files limit of 256, the `serving` log line.
+fn with_low_soft_limit(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(util::shmetrics_bin())
+        .args(args)
+        .env("SHMETRICS_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let proc = Proc { child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving http://") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).expect("the `serving` log line");
+    (proc, line)
+}
+
+/// Both ports need a descriptor per connection: `serve` and `run` raise their soft open-files
+/// limit to the hard limit; the command `run` starts keeps the limit it was given.
+#[test]
+fn the_open_files_limit_is_raised_for_the_aggregator_only() {
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(hard > 256, "the hard open-files limit ({hard}) must be above 256 for this test");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let d = dir.to_str().expect("utf-8");
+    let (serve, _) = with_low_soft_limit(&["serve", "--dir", d, "--listen", "127.0.0.1:0"]);
+    assert_eq!(soft_open_files(serve.child.id()), hard);
+    drop(serve);
+
+    let (run, line) = with_low_soft_limit(&["run", "--listen", "127.0.0.1:0", "--", "sleep", "60"]);
+    let child: u32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split([',', ')']).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    assert_eq!(soft_open_files(run.child.id()), hard);
+    assert_eq!(soft_open_files(child), 256);
+    drop(run);
+}
+
+/// A burst of connections while the aggregator cannot accept (here: stopped) waits in the listen
+/// queue (1024 long, not the usual 128) instead of having its handshakes dropped, and each is
+/// served once the aggregator resumes.
+#[test]
+fn a_burst_of_connections_waits_in_the_listen_queue() {
+    let burst = 500;
+    util::raise_open_files_limit(4 * burst as u64);
+    let agg = Agg::start(&[], &[]);
+    let m = agg.monitor;
+    agg.served.proc.signal(Signal::SIGSTOP);
+    let mut conns = Vec::new();
+    let mut failed = None;
+    for i in 0..burst {
+        match TcpStream::connect_timeout(&m, Duration::from_secs(1)) {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                failed = Some(format!("connection {i}: {e}"));
+                break;
+            }
+        }
+    }
+    agg.served.proc.signal(Signal::SIGCONT);
+    assert_eq!(failed, None, "the listen queue overflowed");
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.write_all(b"health_check\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(out, "Instance is booting\n", "connection {i}");
+    }
     agg.assert_unharmed();
 }

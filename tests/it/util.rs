@@ -348,3 +348,47 @@ pub fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
     }
     labels
 }
+
+/// Raises this process's soft open-files limit to the hard limit, and panics with instructions if
+/// it stays below `need` (tests opening hundreds of sockets run beside others in this process).
+pub fn raise_open_files_limit(need: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+    assert!(
+        hard >= need,
+        "this test needs {need} open files, the hard limit is {hard}: raise it (`ulimit -Hn {need}` as root)"
+    );
+}
+
+/// Established TCP connections of process `pid` on its local port `port` (its listening socket
+/// excluded), from /proc/net/tcp{,6} and the process's descriptors.
+pub fn tcp_connections(pid: i32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.to_string_lossy().into_owned();
+                    t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            // 0A is LISTEN; everything else is a connection (ESTABLISHED, CLOSE_WAIT, …).
+            if local_port == Some(port) && *state != "0A" && inodes.contains(*inode) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
