@@ -73,8 +73,8 @@ struct AggregatorArgs {
     #[arg(long)]
     compact_python: bool,
     /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
-    #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
-    upkeep_interval: f64,
+    #[arg(long, default_value = "2", value_parser = positive_secs)]
+    upkeep_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -99,11 +99,10 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-fn positive_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
+/// A number of seconds, more than 0 and at most a year (`1e20` or `inf` would panic in
+/// `Duration::from_secs_f64`).
+fn positive_secs(s: &str) -> Result<Duration, String> {
+    shmetrics::alarm::config::Seconds::parse_positive(s)
 }
 
 impl AggregatorArgs {
@@ -136,7 +135,7 @@ impl AggregatorArgs {
     }
 
     fn upkeep(&self) -> Duration {
-        Duration::from_secs_f64(self.upkeep_interval)
+        self.upkeep_interval
     }
 }
 
