@@ -1,8 +1,10 @@
 //! Command-line front end. `anyhow` lives here only: the library returns typed errors, the binary
 //! turns them into one clear message and an exit status.
 
+mod child;
 mod ctl;
 mod dump;
+mod leftover;
 mod listener;
 mod run;
 mod serve;
