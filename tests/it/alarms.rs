@@ -80,6 +80,7 @@ fn a_sigkilled_worker_raises_exactly_one_crash_alarm() {
     std::thread::sleep(Duration::from_millis(1500));
     let text = alarms(&s);
     assert_eq!(text.matches("exited without a clean exit").count(), 1, "{text}");
+    util::assert_openmetrics_parses(served.addr);
     assert_eq!(metric(&served, "shmetrics_alarms_fired_total{kind=\"crash\",action=\"file\"}"), 1.0);
     let perf: serde_json::Value =
         serde_json::from_slice(&util::http_get(served.addr, "/perf_metrics", &[]).body).expect("JSON");

@@ -468,6 +468,7 @@ fn exact_counts(run: &mut RunProc, app: SocketAddr, server: &str) {
     assert_eq!(answered.get(&("/status/404".into(), 404)), Some(&30), "{server}: {answered:?}");
     assert_eq!(answered.get(&("/status/503".into(), 503)), Some(&10), "{server}: {answered:?}");
     check_dir_is_exported(run);
+    util::assert_openmetrics_parses(run.addr);
 
     let e = scrape(run.addr);
     assert_eq!(requests(&e, "/", "200"), 200.0, "{server}");

@@ -485,6 +485,8 @@ fn a_sigkilled_run_takes_its_application_along_and_the_next_start_cleans_up() {
     let mut second = spawn_run(&args, &env);
     second.stdout_line(LONG, "the new server listening", |l| l.starts_with("listening on").then_some(()));
     let answer = hello(port);
+    // The bundled server's HTTP metrics and the job's process metrics, as Prometheus reads them.
+    util::assert_openmetrics_parses(second.addr);
     assert!(!workers.iter().any(|w| answer == format!("hello from {w}")), "{answer}");
     assert!(!left.exists(), "{} left behind", left.display());
     let removed =
