@@ -180,12 +180,17 @@ fn main() -> Result<()> {
 
     let (rd, wr) = nix::unistd::pipe()?;
     let mut pids = Vec::new();
+    let master = nix::unistd::getpid();
     for w in 0..args.workers {
         match fork() {
             Ok(ForkResult::Child) => {
                 drop(rd);
-                // Die with the master (a test harness may SIGKILL it): no orphaned workers.
+                // Die with the master (a test harness may SIGKILL it): no orphaned workers. A
+                // master that died before the prctl sends no signal: then stop at once.
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                if nix::unistd::getppid() != master {
+                    std::process::exit(1);
+                }
                 let code = match run_worker(w, &args, &handles, File::from(wr)) {
                     Ok(()) => 0,
                     Err(e) => {
