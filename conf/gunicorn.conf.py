@@ -12,7 +12,7 @@
 # SHMETRICS_DIR and PROMETHEUS_MULTIPROC_DIR, serves the merged metrics of every worker on its own
 # port (http://127.0.0.1:9180/metrics by default) and forwards gunicorn's signals (HUP, TTIN,
 # TTOU, USR2, ...). Compared with the usual prometheus_client multiprocess set-up, this file has
-# nothing special in it:
+# nothing special in it (the `post_fork` hook below is about stopping workers, not metrics):
 #
 # - no directory to create or wipe before gunicorn starts: shmetrics hands it over empty;
 # - no `child_exit` hook calling `prometheus_client.multiprocess.mark_process_dead(worker.pid)`:
@@ -44,6 +44,21 @@ max_requests_jitter = 100
 
 timeout = 30
 graceful_timeout = 10
+
+# Workers die with their master. `shmetrics run` makes the kernel kill the master (SIGKILL) if
+# `run` itself is killed (the OOM killer, supervisord after stopwaitsecs); gunicorn's workers
+# would notice only when they next wake up (up to timeout / 2 seconds), holding the listening
+# socket until then, so that a replacement fails with "address in use". This asks Linux to send
+# each worker SIGTERM (a graceful stop) as soon as its master is gone. (A master that dies before
+# the call is caught by gunicorn's own parent check.)
+def post_fork(server, worker):
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        server.log.warning("post_fork: prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+
 
 # Logs to stderr, as shmetrics does.
 accesslog = None

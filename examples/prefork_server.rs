@@ -256,11 +256,16 @@ impl Master {
     /// Forks workers until there are `target` of them.
     fn fill(&mut self) {
         let mut failures = 0;
+        let master = nix::unistd::getpid();
         while self.workers.len() < self.target {
             match fork() {
                 Ok(ForkResult::Child) => {
                     // Die with the master, like gunicorn's workers: no orphans holding the socket.
+                    // A master that died before the prctl sends no signal: then stop at once.
                     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                    if nix::unistd::getppid() != master {
+                        std::process::exit(1);
+                    }
                     let code = match worker(&self.listener, &mut self.metrics, self.max_requests) {
                         Ok(()) => 0,
                         Err(e) => {

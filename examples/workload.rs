@@ -250,8 +250,12 @@ fn main() -> Result<()> {
                 drop(rd);
                 drop(go_wr);
                 if !args.orphan {
-                    // Die with the master (a test harness may SIGKILL it): no orphaned workers.
+                    // Die with the master (a test harness may SIGKILL it): no orphaned workers. A
+                    // master that died before the prctl sends no signal: then stop at once.
                     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                    if nix::unistd::getppid() != master {
+                        std::process::exit(1);
+                    }
                 }
                 let pipes = (File::from(go_rd), File::from(wr));
                 let code = match run_worker(w, &args, &handles, pipes, master) {

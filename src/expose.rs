@@ -4,6 +4,17 @@
 //! `Registry` (and only OpenMetrics); the tests check our output with `promtool` and with Python
 //! prometheus_client's OpenMetrics parser. Label text is pre-rendered by the merger, so encoding is
 //! mostly copying bytes and formatting numbers.
+//!
+//! The two formats differ on sums that are not counters. OpenMetrics 1.0 says of histograms:
+//! "Semantically, Sum, and buckets values are counters so MUST NOT be NaN or negative. Negative
+//! threshold buckets MAY be used, but then the Histogram MetricPoint MUST NOT contain a sum
+//! value", and a `_count` comes with a `_sum` (prometheus_client's parser rejects either one
+//! alone, a NaN or negative `_sum`, and a `_sum` beside a negative `le`). So in OpenMetrics a
+//! histogram series whose sum is NaN or negative (a NaN or negative observation), or which has a
+//! negative bucket bound, is written with its buckets only: no `_sum` and no `_count` (the count
+//! is the `+Inf` bucket). A summary (Python prometheus_client files) loses a NaN or negative
+//! `_sum`, or `_count`, alone. Prometheus text 0.0.4 has no such rule (Prometheus stores any
+//! float), so it keeps `_sum` and `_count` as they are, as client_golang and client_python do.
 
 use crate::layout::MetricType;
 use crate::merge::{LabelSet, SnapFamily, Snapshot, Value};
@@ -116,6 +127,12 @@ fn push_help(out: &mut String, help: &str, format: Format) {
     }
 }
 
+/// Whether OpenMetrics allows a sample that is semantically a counter (`_sum`, `_count`): not NaN,
+/// not negative.
+fn counter_like(v: f64) -> bool {
+    !v.is_nan() && v >= 0.0
+}
+
 /// Writes `name{labels[,extra]} ` (with the trailing space).
 fn push_sample_head(
     out: &mut String,
@@ -204,20 +221,29 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
                     push_u64(out, cum);
                     out.push('\n');
                 }
-                push_sample_head(out, name, "_count", labels, None);
-                push_u64(out, cum);
-                out.push('\n');
-                push_sample_head(out, name, "_sum", labels, None);
-                push_f64(out, *sum);
-                out.push('\n');
+                // OpenMetrics: no sum (and so no count) unless the sum is a counter (module docs).
+                let with_sum = format == Format::Prometheus
+                    || (counter_like(*sum) && !labels.bounds.iter().any(|b| *b < 0.0));
+                if with_sum {
+                    push_sample_head(out, name, "_count", labels, None);
+                    push_u64(out, cum);
+                    out.push('\n');
+                    push_sample_head(out, name, "_sum", labels, None);
+                    push_f64(out, *sum);
+                    out.push('\n');
+                }
             }
             (MetricType::Summary, Value::Summary { count, sum }) => {
-                push_sample_head(out, name, "_count", labels, None);
-                push_f64(out, *count);
-                out.push('\n');
-                push_sample_head(out, name, "_sum", labels, None);
-                push_f64(out, *sum);
-                out.push('\n');
+                if format == Format::Prometheus || counter_like(*count) {
+                    push_sample_head(out, name, "_count", labels, None);
+                    push_f64(out, *count);
+                    out.push('\n');
+                }
+                if format == Format::Prometheus || counter_like(*sum) {
+                    push_sample_head(out, name, "_sum", labels, None);
+                    push_f64(out, *sum);
+                    out.push('\n');
+                }
             }
             (MetricType::Counter, v) => {
                 push_sample_head(out, name, "_total", labels, None);
@@ -315,6 +341,85 @@ mod tests {
         assert!(text.starts_with("# TYPE lat histogram\n# HELP lat Latency.\n"));
         assert!(text.contains("# TYPE req counter\n# HELP req Requests \\\"x\\\"\\\\.\nreq_total{"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Histograms whose sum is not a counter, and a summary whose sum is negative.
+    fn odd_sums() -> Snapshot {
+        let mut m = Merger::new();
+        let desc = |name: &str, metric_type, buckets: Vec<f64>| MetricDesc {
+            name: name.into(),
+            help: String::new(),
+            metric_type,
+            value_type: ValueType::F64,
+            gauge_mode: None,
+            label_names: vec!["k".into()],
+            buckets,
+        };
+        let h = m.family_for(&desc("h", MetricType::Histogram, vec![1.0])).unwrap();
+        let nb = m.family_for(&desc("nb", MetricType::Histogram, vec![-1.0, 1.0])).unwrap();
+        let sm = m.family_for(&desc("sm", MetricType::Summary, vec![])).unwrap();
+        for (k, sum) in
+            [("neg", -2.5), ("nan", f64::NAN), ("ok", 2.5), ("negzero", -0.0), ("inf", f64::INFINITY)]
+        {
+            let s = m.series_for(h, vec![("k".into(), k.into())]);
+            m.widen(s, &[1.0]);
+            m.archive_value(s, &Value::Hist { buckets: vec![1, 1], sum });
+        }
+        let s = m.series_for(nb, vec![("k".into(), "pos".into())]);
+        m.widen(s, &[-1.0, 1.0]);
+        m.archive_value(s, &Value::Hist { buckets: vec![0, 1, 1], sum: 3.0 });
+        for (k, count, sum) in [("neg", 2.0, -1.0), ("nan", f64::NAN, f64::NAN), ("ok", 2.0, 1.0)] {
+            let s = m.series_for(sm, vec![("k".into(), k.into())]);
+            m.archive_value(s, &Value::Summary { count, sum });
+        }
+        let mut accs = Vec::new();
+        m.begin(&mut accs);
+        m.snapshot(accs)
+    }
+
+    #[test]
+    fn openmetrics_has_no_sum_that_is_not_a_counter() {
+        let text = encode(&odd_sums(), Format::OpenMetrics);
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "h_bucket{k=\"neg\",le=\"1.0\"} 1",
+                "h_bucket{k=\"neg\",le=\"+Inf\"} 2",
+                "h_bucket{k=\"nan\",le=\"1.0\"} 1",
+                "h_bucket{k=\"nan\",le=\"+Inf\"} 2",
+                "h_bucket{k=\"ok\",le=\"1.0\"} 1",
+                "h_bucket{k=\"ok\",le=\"+Inf\"} 2",
+                "h_count{k=\"ok\"} 2",
+                "h_sum{k=\"ok\"} 2.5",
+                "h_bucket{k=\"negzero\",le=\"1.0\"} 1",
+                "h_bucket{k=\"negzero\",le=\"+Inf\"} 2",
+                "h_count{k=\"negzero\"} 2",
+                "h_sum{k=\"negzero\"} -0.0",
+                "h_bucket{k=\"inf\",le=\"1.0\"} 1",
+                "h_bucket{k=\"inf\",le=\"+Inf\"} 2",
+                "h_count{k=\"inf\"} 2",
+                "h_sum{k=\"inf\"} +Inf",
+                "nb_bucket{k=\"pos\",le=\"-1.0\"} 0",
+                "nb_bucket{k=\"pos\",le=\"1.0\"} 1",
+                "nb_bucket{k=\"pos\",le=\"+Inf\"} 2",
+                "sm_count{k=\"neg\"} 2.0",
+                "sm_count{k=\"ok\"} 2.0",
+                "sm_sum{k=\"ok\"} 1.0",
+            ],
+            "{text}"
+        );
+        // Prometheus text keeps every sum and count.
+        let text = encode(&odd_sums(), Format::Prometheus);
+        for line in [
+            "h_count{k=\"nan\"} 2\nh_sum{k=\"nan\"} NaN\n",
+            "h_count{k=\"neg\"} 2\nh_sum{k=\"neg\"} -2.5\n",
+            "nb_count{k=\"pos\"} 2\nnb_sum{k=\"pos\"} 3.0\n",
+            "sm_count{k=\"nan\"} NaN\nsm_sum{k=\"nan\"} NaN\n",
+            "sm_sum{k=\"neg\"} -1.0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
     }
 
     #[test]

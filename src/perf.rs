@@ -94,7 +94,8 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
     let cpu_percent: Option<Vec<(i32, f64)>> = match interval.filter(|i| *i > 0.0 && *i <= 10.0) {
         Some(secs) => {
             let before: Vec<(i32, f64)> = procs.iter().map(|p| (p.pid, p.cpu_seconds)).collect();
-            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            // Filtered to (0, 10] above (NaN too); `try_` all the same: it comes from a client.
+            tokio::time::sleep(Duration::try_from_secs_f64(secs).unwrap_or_default()).await;
             let ops2 = Arc::clone(ops);
             let after = tokio::task::spawn_blocking(move || collect(&ops2)).await.unwrap_or_default().procs;
             Some(

@@ -46,7 +46,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
-use super::config::{ActionConfig, WebhookFormat};
+use super::config::{ActionConfig, Seconds, WebhookFormat};
 use super::{AlarmConfig, AlarmStats, Event, EventKind, Msg};
 
 /// Deliveries of one action running at once; more wait their turn.
@@ -55,9 +55,6 @@ pub const MAX_CONCURRENT: usize = 4;
 /// The longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// The longest duration taken from the configuration (windows, timeouts): one year.
-const MAX_SECONDS: f64 = 365.0 * 86400.0;
-
 /// How much of a failing command's stderr or a failing webhook's answer goes into the log.
 const ERROR_TEXT: usize = 512;
 
@@ -65,8 +62,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s.clamp(0.0, MAX_SECONDS)).unwrap_or(Duration::ZERO)
+/// Later than any batch deadline: a batch window is at most [`Seconds::MAX`] (one year).
+fn far_future() -> Instant {
+    Instant::now() + Seconds::MAX.get() + Seconds::MAX.get()
 }
 
 /// The pause before retry number `attempt + 1`: 1 s, 2 s, 4 s …, at most 60 s.
@@ -107,7 +105,7 @@ pub async fn run(
             () = due => d.deliver_due(Instant::now()),
         }
     }
-    d.deliver_due(Instant::now() + secs(MAX_SECONDS) + secs(MAX_SECONDS));
+    d.deliver_due(far_future());
     let Dispatcher { in_flight, mut in_flight_rx, .. } = d;
     drop(in_flight);
     // `None` once every delivery task has dropped its guard.
@@ -154,14 +152,14 @@ impl Dispatcher {
                 *lock(&self.stats).failed.entry(name.clone()).or_default() += 1;
                 continue;
             };
-            let window = action.delivery().batch_seconds;
-            if window > 0.0 {
+            let window = action.delivery().batch_seconds.get();
+            if !window.is_zero() {
                 if let Some(b) = self.pending.get_mut(name) {
                     b.events.push(e.clone());
                 } else {
                     let batch = Batch {
                         events: vec![e.clone()],
-                        deadline: Instant::now() + secs(window),
+                        deadline: Instant::now() + window,
                         action: action.clone(),
                     };
                     self.pending.insert(name.clone(), batch);
@@ -191,7 +189,7 @@ impl Dispatcher {
     /// Delivers every pending batch, and answers `done` once every delivery started so far (by
     /// this or an earlier message) has ended.
     fn flush(&mut self, done: oneshot::Sender<()>) {
-        self.deliver_due(Instant::now() + secs(MAX_SECONDS) + secs(MAX_SECONDS));
+        self.deliver_due(far_future());
         let (tx, rx) = mpsc::channel(1);
         let old = std::mem::replace(&mut self.in_flight, tx);
         let mut old_rx = std::mem::replace(&mut self.in_flight_rx, rx);
@@ -261,7 +259,7 @@ async fn deliver(name: &str, action: &ActionConfig, msg: &Message, stats: &Mutex
 }
 
 async fn attempt_once(name: &str, action: &ActionConfig, msg: &Message) -> Result<(), String> {
-    let timeout = secs(action.delivery().timeout_seconds);
+    let timeout = action.delivery().timeout_seconds.get();
     match action {
         ActionConfig::Command { command, headers, to, .. } => {
             let input = command_input(msg, *headers, to.as_deref());

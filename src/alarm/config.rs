@@ -42,9 +42,14 @@
 //! message = "{series} is {value} (limit {threshold})"
 //! actions = ["alertmanager"]
 //! ```
+//!
+//! Every `*_seconds` key is parsed into a [`Seconds`] (a `Duration` of 0 to one year) when the
+//! file is loaded: a value out of range is a configuration error naming the key, never a panic
+//! in the alarm task later.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -55,8 +60,8 @@ use crate::error::{Error, Result};
 #[serde(deny_unknown_fields)]
 pub struct AlarmConfig {
     /// Seconds between evaluations of memory and threshold rules.
-    #[serde(default = "default_check")]
-    pub check_interval_seconds: f64,
+    #[serde(default = "default_check", deserialize_with = "check_interval_seconds")]
+    pub check_interval_seconds: Seconds,
     /// Named actions.
     #[serde(default)]
     pub actions: BTreeMap<String, ActionConfig>,
@@ -72,8 +77,8 @@ pub struct AlarmConfig {
     pub threshold: Vec<ThresholdRule>,
 }
 
-fn default_check() -> f64 {
-    5.0
+fn default_check() -> Seconds {
+    Seconds::from_secs(5)
 }
 
 /// One action.
@@ -139,18 +144,18 @@ pub enum WebhookFormat {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Delivery {
     /// Collect events for this many seconds and send them as one message (0: send each at once).
-    #[serde(default)]
-    pub batch_seconds: f64,
+    #[serde(default, deserialize_with = "batch_seconds")]
+    pub batch_seconds: Seconds,
     /// Give up one attempt after this many seconds.
-    #[serde(default = "default_timeout")]
-    pub timeout_seconds: f64,
+    #[serde(default = "default_timeout", deserialize_with = "timeout_seconds")]
+    pub timeout_seconds: Seconds,
     /// Retries after a failed attempt, with back-off (1 s, 2 s, 4 s, …).
     #[serde(default = "default_retries")]
     pub retries: u32,
 }
 
-fn default_timeout() -> f64 {
-    10.0
+fn default_timeout() -> Seconds {
+    Seconds::from_secs(10)
 }
 
 fn default_retries() -> u32 {
@@ -170,18 +175,19 @@ pub struct CrashRule {
 #[serde(deny_unknown_fields)]
 pub struct FatalRule {
     /// Alarm when no worker has been alive for this many seconds.
-    pub no_live_workers_seconds: Option<f64>,
+    #[serde(default, deserialize_with = "no_live_workers_seconds")]
+    pub no_live_workers_seconds: Option<Seconds>,
     /// Alarm when more than this many crashes happen within `window_seconds`.
     pub max_crashes: Option<u32>,
     /// The window for `max_crashes`.
-    #[serde(default = "default_window")]
-    pub window_seconds: f64,
+    #[serde(default = "default_window", deserialize_with = "window_seconds")]
+    pub window_seconds: Seconds,
     /// Actions to run.
     pub actions: Vec<String>,
 }
 
-fn default_window() -> f64 {
-    60.0
+fn default_window() -> Seconds {
+    Seconds::from_secs(60)
 }
 
 /// Which memory figure a rule watches.
@@ -221,14 +227,14 @@ pub struct MemoryRule {
     /// A signal to send to the offending worker (job scope: the largest), e.g. `SIGTERM`.
     pub signal: Option<String>,
     /// At most one signal (and one alarm) per worker per this many seconds.
-    #[serde(default = "default_grace")]
-    pub grace_seconds: f64,
+    #[serde(default = "default_grace", deserialize_with = "grace_seconds")]
+    pub grace_seconds: Seconds,
     /// Actions to run.
     pub actions: Vec<String>,
 }
 
-fn default_grace() -> f64 {
-    60.0
+fn default_grace() -> Seconds {
+    Seconds::from_secs(60)
 }
 
 /// A size in bytes, written as a number or as `"512MB"`, `"2gb"`, `"100kb"` (1024-based).
@@ -274,6 +280,142 @@ pub fn parse_size(t: &str) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
 }
 
+/// A duration in the configuration, written as a number of seconds (`60`, `0.5`).
+///
+/// Finite, at least 0 and at most [`Seconds::MAX_SECS`] (one year). TOML accepts `inf`, `nan`,
+/// `-1` and `1e20`, and turning those into a [`Duration`] when a rule is checked would panic the
+/// alarm task (alarms would stop, silently). So the number is parsed into a `Duration` once, when
+/// the file is loaded, and a bad one is a configuration error like any other: the file is refused
+/// (at a reload the old configuration stays in force), with a message naming the key and saying
+/// what is allowed. Rules and actions only ever see `Duration`s.
+///
+/// Every seconds field of [`AlarmConfig`] is read through [`seconds_key!`], which adds the key to
+/// the message (toml cannot point at keys inside `[actions.*]`: their sections are buffered for
+/// the `type` tag) and, for the fields that must be more than 0, refuses 0.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(try_from = "f64")]
+pub struct Seconds(Duration);
+
+impl Seconds {
+    /// The largest number of seconds accepted: one year (365 days). A longer window, timeout or
+    /// grace period is a mistake; the bound also keeps `Instant + Duration` far from overflowing.
+    pub const MAX_SECS: u64 = 365 * 86_400;
+
+    /// The largest value.
+    pub const MAX: Seconds = Seconds(Duration::from_secs(Seconds::MAX_SECS));
+
+    /// Whole seconds (more than [`Seconds::MAX_SECS`] is taken as the maximum).
+    pub const fn from_secs(secs: u64) -> Seconds {
+        if secs > Seconds::MAX_SECS {
+            Seconds::MAX
+        } else {
+            Seconds(Duration::from_secs(secs))
+        }
+    }
+
+    /// Parses a number of seconds, at least 0 (or, with `positive`, more than 0) and at most
+    /// [`Seconds::MAX_SECS`]; the error shows the number and says what is allowed.
+    pub fn new(secs: f64, positive: bool) -> std::result::Result<Seconds, String> {
+        let in_range = secs.is_finite() && secs <= Seconds::MAX_SECS as f64;
+        let ok = in_range && if positive { secs > 0.0 } else { secs >= 0.0 };
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) if ok && !(positive && d.is_zero()) => Ok(Seconds(d)),
+            _ => Err(format!("{} is not allowed: {}", toml_float(secs), Seconds::allowed(positive))),
+        }
+    }
+
+    /// What [`Seconds::new`] accepts, in words.
+    pub fn allowed(positive: bool) -> String {
+        let range = if positive { "more than 0 and at most" } else { "from 0 to" };
+        format!("write a number of seconds {range} {} (one year)", Seconds::MAX_SECS)
+    }
+
+    /// Parses a command-line option: a number of seconds more than 0 and at most
+    /// [`Seconds::MAX_SECS`].
+    pub fn parse_positive(text: &str) -> std::result::Result<Duration, String> {
+        let secs = text.trim().parse::<f64>().map_err(|_| Seconds::allowed(true))?;
+        Seconds::new(secs, true).map(Seconds::get)
+    }
+
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    /// Whether it is 0.
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl TryFrom<f64> for Seconds {
+    type Error = String;
+    fn try_from(secs: f64) -> std::result::Result<Seconds, String> {
+        Seconds::new(secs, false)
+    }
+}
+
+/// As written in the configuration: `60`, `0.5`.
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+/// A float as TOML writes it (`nan`, `inf`, `-inf`, `1e20`).
+fn toml_float(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf" } else { "-inf" }.into()
+    } else {
+        format!("{x:?}").replace(".0e", "e").trim_end_matches(".0").to_string()
+    }
+}
+
+/// Defines `fn $key(deserializer)`, reading the key `$key` as [`Seconds`] (`positive`: more than
+/// 0) with an error that names the key; `opt` makes it an `Option<Seconds>` (used with
+/// `#[serde(default)]`).
+macro_rules! seconds_key {
+    ($key:ident, $positive:expr) => {
+        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Seconds, D::Error> {
+            read_seconds(d, stringify!($key), $positive)
+        }
+    };
+    ($key:ident, $positive:expr, opt) => {
+        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Seconds>, D::Error> {
+            read_seconds(d, stringify!($key), $positive).map(Some)
+        }
+    };
+}
+
+/// Reads a number (integer or float) as [`Seconds`]; anything else, or a number out of range, is
+/// an error naming `key` and saying what is allowed.
+fn read_seconds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    key: &str,
+    positive: bool,
+) -> std::result::Result<Seconds, D::Error> {
+    let err = |what: String| serde::de::Error::custom(format!("{key} = {what}"));
+    let secs = match toml::Value::deserialize(d)? {
+        toml::Value::Float(x) => x,
+        toml::Value::Integer(n) => n as f64,
+        other => {
+            let (t, n) = (other.type_str(), Seconds::allowed(positive));
+            return Err(err(format!("{other} is not allowed (a {t}): {n}")));
+        }
+    };
+    Seconds::new(secs, positive).map_err(err)
+}
+
+seconds_key!(check_interval_seconds, true);
+seconds_key!(batch_seconds, false);
+seconds_key!(timeout_seconds, true);
+seconds_key!(no_live_workers_seconds, false, opt);
+seconds_key!(window_seconds, false);
+seconds_key!(grace_seconds, false);
+seconds_key!(rate_seconds, false);
+
 /// Comparison of a threshold rule.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 pub enum Op {
@@ -296,8 +438,8 @@ pub struct ThresholdRule {
     /// The threshold.
     pub value: f64,
     /// At most one alarm per matching series per this many seconds.
-    #[serde(default)]
-    pub rate_seconds: f64,
+    #[serde(default, deserialize_with = "rate_seconds")]
+    pub rate_seconds: Seconds,
     /// Message template: `{series}`, `{value}`, `{threshold}`, `{op}`.
     #[serde(default = "default_message")]
     pub message: String,
@@ -313,7 +455,7 @@ impl AlarmConfig {
     /// Parses and checks a configuration (every referenced action exists, signals are known,
     /// intervals are positive, series selectors parse).
     pub fn parse(text: &str) -> Result<AlarmConfig> {
-        let c: AlarmConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let c: AlarmConfig = toml::from_str(text).map_err(|e| Error::Config(one_line(text, &e)))?;
         c.check()?;
         Ok(c)
     }
@@ -329,9 +471,6 @@ impl AlarmConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if !positive(self.check_interval_seconds) {
-            return bad("check_interval_seconds must be positive".into());
-        }
         let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
         if let Some(c) = &self.crash {
             refs.push(("[crash]", &c.actions));
@@ -370,10 +509,6 @@ impl AlarmConfig {
             }
         }
         for (name, a) in &self.actions {
-            let d = a.delivery();
-            if d.batch_seconds < 0.0 || !positive(d.timeout_seconds) {
-                return bad(format!("[actions.{name}]: batch_seconds must be ≥ 0 and timeout_seconds > 0"));
-            }
             if let ActionConfig::Command { command, headers, to, .. } = a {
                 if command.is_empty() {
                     return bad(format!("[actions.{name}]: command is empty"));
@@ -392,9 +527,19 @@ impl AlarmConfig {
     }
 }
 
-/// Whether a number is a positive, finite amount (NaN is not).
-fn positive(x: f64) -> bool {
-    x.is_finite() && x > 0.0
+/// A TOML error on one line (`line 2, column 18: …`), for the log: toml's own rendering spans
+/// several lines.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
 }
 
 /// Parses a signal name (`SIGTERM`, `TERM`, `sigterm`).
@@ -439,6 +584,66 @@ mod tests {
         let c = AlarmConfig::parse(include_str!("../../conf/shmetrics.toml")).expect("conf/shmetrics.toml");
         assert_eq!(c.threshold.len(), 2);
         assert_eq!(c.fatal.as_ref().and_then(|f| f.max_crashes), Some(5));
+    }
+
+    /// Each seconds key, in a file where it is the only mistake (`{}` is its value).
+    const SECONDS_KEYS: [(&str, &str, bool); 7] = [
+        ("check_interval_seconds", "check_interval_seconds = {}\n", true),
+        ("batch_seconds", "[actions.a]\ntype = \"log\"\nbatch_seconds = {}\n", false),
+        ("timeout_seconds", "[actions.a]\ntype = \"log\"\ntimeout_seconds = {}\n", true),
+        ("no_live_workers_seconds", "[actions.a]\ntype = \"log\"\n[fatal]\nno_live_workers_seconds = {}\nactions = [\"a\"]\n", false),
+        ("window_seconds", "[actions.a]\ntype = \"log\"\n[fatal]\nmax_crashes = 1\nwindow_seconds = {}\nactions = [\"a\"]\n", false),
+        ("grace_seconds", "[actions.a]\ntype = \"log\"\n[[memory]]\nmeasure = \"rss\"\nlimit = 1\ngrace_seconds = {}\nactions = [\"a\"]\n", false),
+        ("rate_seconds", "[actions.a]\ntype = \"log\"\n[[threshold]]\nseries = \"x\"\nop = \">=\"\nvalue = 1\nrate_seconds = {}\nactions = [\"a\"]\n", false),
+    ];
+
+    #[test]
+    fn seconds_out_of_range_are_refused_at_load_naming_the_key() {
+        for (key, template, positive) in SECONDS_KEYS {
+            AlarmConfig::parse(&template.replace("{}", "1.5")).unwrap_or_else(|e| panic!("{key} = 1.5: {e}"));
+            let mut bad = vec!["inf", "-inf", "1e20", "-1", "nan", "31536000.5", "\"60\""];
+            if positive {
+                bad.push("0");
+            }
+            let allowed = if positive {
+                "write a number of seconds more than 0 and at most 31536000 (one year)"
+            } else {
+                "write a number of seconds from 0 to 31536000 (one year)"
+            };
+            for v in bad {
+                let e = match AlarmConfig::parse(&template.replace("{}", v)) {
+                    Ok(c) => panic!("{key} = {v} accepted: {c:?}"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(e.contains(&format!("{key} = {v} is not allowed")), "{key} = {v}: {e}");
+                assert!(e.contains(allowed), "{key} = {v}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn seconds_are_durations() {
+        let c = AlarmConfig::parse(
+            "check_interval_seconds = 0.25\n[actions.a]\ntype = \"log\"\nbatch_seconds = 31536000\n\
+             timeout_seconds = 1e-3\n[fatal]\nno_live_workers_seconds = 0\nwindow_seconds = 90\n\
+             actions = [\"a\"]\n",
+        )
+        .expect("config");
+        assert_eq!(c.check_interval_seconds.get(), Duration::from_millis(250));
+        let d = c.actions["a"].delivery();
+        assert_eq!((d.batch_seconds, d.timeout_seconds.get()), (Seconds::MAX, Duration::from_millis(1)));
+        let f = c.fatal.expect("fatal");
+        assert_eq!(f.no_live_workers_seconds, Some(Seconds::from_secs(0)));
+        assert_eq!(f.window_seconds.get(), Duration::from_secs(90));
+        // Defaults.
+        let c = AlarmConfig::parse("").expect("empty");
+        assert_eq!(c.check_interval_seconds, Seconds::from_secs(5));
+        assert_eq!(Seconds::from_secs(u64::MAX), Seconds::MAX);
+        assert_eq!(Seconds::parse_positive("2"), Ok(Duration::from_secs(2)));
+        for bad in ["0", "-1", "inf", "nan", "1e20", "x"] {
+            let e = Seconds::parse_positive(bad).expect_err(bad);
+            assert!(e.contains("more than 0 and at most 31536000 (one year)"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl Detector {
         if let Some(secs) = rule.no_live_workers_seconds {
             if live == 0 && ever_seen {
                 let since = *self.no_workers_since.get_or_insert(now);
-                if now.duration_since(since).as_secs_f64() >= secs && !self.no_workers_fired {
+                if now.duration_since(since) >= secs.get() && !self.no_workers_fired {
                     self.no_workers_fired = true;
                     let msg = format!("no live workers for {secs} s");
                     pipeline.submit(
@@ -192,7 +192,7 @@ impl Detector {
             }
         }
         if let Some(max) = rule.max_crashes {
-            let window = Duration::from_secs_f64(rule.window_seconds.max(0.0));
+            let window = rule.window_seconds.get();
             while self.crashes.front().is_some_and(|t| now.duration_since(*t) > window) {
                 self.crashes.pop_front();
             }
@@ -226,7 +226,7 @@ impl Detector {
         let procs = &job.procs;
         let now = Instant::now();
         for (i, rule) in cfg.memory.iter().enumerate() {
-            let grace = Duration::from_secs_f64(rule.grace_seconds.max(0.0));
+            let grace = rule.grace_seconds.get();
             let workers: Vec<&ProcStats> = procs.iter().filter(|p| p.kind.is_worker()).collect();
             let over: Vec<(&ProcStats, i64)> = match rule.scope {
                 Scope::Worker => workers
@@ -303,7 +303,7 @@ impl Detector {
                 }
                 let series = render(name, labels);
                 let key = (i, series.clone());
-                let rate = Duration::from_secs_f64(rule.rate_seconds.max(0.0));
+                let rate = rule.rate_seconds.get();
                 if self.threshold_last.get(&key).is_some_and(|t| now.duration_since(*t) < rate) {
                     pipeline.suppressed(EventKind::Threshold);
                     continue;
@@ -331,8 +331,7 @@ impl Detector {
     pub async fn check(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline) {
         let cfg = pipeline.config();
         self.check_workers(ops, pipeline, &cfg).await;
-        let due =
-            self.last_slow_check.is_none_or(|t| t.elapsed().as_secs_f64() >= cfg.check_interval_seconds);
+        let due = self.last_slow_check.is_none_or(|t| t.elapsed() >= cfg.check_interval_seconds.get());
         if due {
             self.last_slow_check = Some(Instant::now());
             self.check_memory(ops, pipeline, &cfg).await;

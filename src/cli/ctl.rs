@@ -39,8 +39,8 @@ pub struct CtlArgs {
     #[arg(long, env = "SHMETRICS_MONITOR", default_value = "127.0.0.1:9181")]
     monitor: SocketAddr,
     /// Seconds allowed for connecting and receiving the whole reply.
-    #[arg(long, default_value_t = 15.0, value_parser = super::positive_secs)]
-    timeout: f64,
+    #[arg(long, default_value = "15", value_parser = super::positive_secs)]
+    timeout: Duration,
     /// The command and its arguments (default: help), e.g. `health_check`, `perf_metrics 1`,
     /// `monitor`, `help perf_metrics`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -53,7 +53,7 @@ pub fn main(args: CtlArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.command.join(" ")
     };
-    let timeout = Duration::from_secs_f64(args.timeout);
+    let timeout = args.timeout;
     let reply = match exchange(args.monitor, &line, timeout) {
         Ok(r) if r.is_empty() => {
             eprintln!(

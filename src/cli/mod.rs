@@ -1,8 +1,10 @@
 //! Command-line front end. `anyhow` lives here only: the library returns typed errors, the binary
 //! turns them into one clear message and an exit status.
 
+mod child;
 mod ctl;
 mod dump;
+mod leftover;
 mod listener;
 mod run;
 mod serve;
@@ -82,8 +84,8 @@ struct AggregatorArgs {
     #[arg(long, value_enum, default_value_t = ProcessMetricsArg::All)]
     process_metrics: ProcessMetricsArg,
     /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
-    #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
-    upkeep_interval: f64,
+    #[arg(long, default_value = "2", value_parser = positive_secs)]
+    upkeep_interval: Duration,
 }
 
 /// `--process-metrics`.
@@ -116,11 +118,10 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-fn positive_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
+/// A number of seconds, more than 0 and at most a year (`1e20` or `inf` would panic in
+/// `Duration::from_secs_f64`).
+fn positive_secs(s: &str) -> Result<Duration, String> {
+    shmetrics::alarm::config::Seconds::parse_positive(s)
 }
 
 impl AggregatorArgs {
@@ -154,7 +155,7 @@ impl AggregatorArgs {
     }
 
     fn upkeep(&self) -> Duration {
-        Duration::from_secs_f64(self.upkeep_interval)
+        self.upkeep_interval
     }
 }
 

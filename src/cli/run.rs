@@ -5,10 +5,11 @@
 //! runs, forwards the signals a process manager sends (TERM, INT, HUP, QUIT, USR1, USR2, TTIN,
 //! TTOU — gunicorn and uWSGI use all of them), and exits with the child's status (128 + signal
 //! number when the child was killed by a signal, as shells report it).
+//!
+//! The child dies with `run`, also when `run` is killed by SIGKILL ([`super::child`]), and the
+//! private directory such a `run` leaves behind is removed by the next start ([`super::leftover`]).
 
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -31,22 +32,14 @@ const FORWARDED: [Signal; 8] = [
     Signal::SIGTTOU,
 ];
 
-fn private_dir() -> anyhow::Result<tempfile::TempDir> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    tempfile::Builder::new()
-        .prefix("shmetrics-")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(&base)
-        .with_context(|| format!("cannot create a private directory in {}", base.display()))
-}
-
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let private = match &args.dir {
         Some(_) => None,
-        None => Some(private_dir()?),
+        None => {
+            let base = super::leftover::base();
+            super::leftover::clean(&base);
+            Some(super::leftover::create(&base)?)
+        }
     };
     let dir = match (&args.dir, &private) {
         (Some(d), _) => d.clone(),
@@ -66,7 +59,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         let servers = Servers::start(agg, &args.agg).await?;
         let addr = servers.http_addr;
         let (program, rest) = args.command.split_first().context("no command given after --")?;
-        let mut child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        // SIGKILL for the child when this thread ends. This future runs on the main thread (the
+        // one calling `block_on`, not a runtime worker), which lives as long as `run`: keep the
+        // spawn here, not in a `tokio::spawn`ed task.
+        super::child::die_with_parent(&mut command);
+        let mut child = command
             .args(rest)
             .env("SHMETRICS_DIR", &dir)
             // Python prometheus_client's multiprocess mode writes its files here too (the

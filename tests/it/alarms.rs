@@ -80,6 +80,7 @@ fn a_sigkilled_worker_raises_exactly_one_crash_alarm() {
     std::thread::sleep(Duration::from_millis(1500));
     let text = alarms(&s);
     assert_eq!(text.matches("exited without a clean exit").count(), 1, "{text}");
+    util::assert_openmetrics_parses(served.addr);
     assert_eq!(metric(&served, "shmetrics_alarms_fired_total{kind=\"crash\",action=\"file\"}"), 1.0);
     let perf: serde_json::Value =
         serde_json::from_slice(&util::http_get(served.addr, "/perf_metrics", &[]).body).expect("JSON");
@@ -213,4 +214,104 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_configuration() {
         std::fs::read_to_string(&out2).ok().filter(|t| t.contains(&format!("pid {}", wl.pids[0])))
     });
     assert_eq!(metric(&served, "shmetrics_alarms_fired_total{kind=\"crash\",action=\"file\"}"), 2.0);
+}
+
+/// The values TOML accepts for a float that are no duration: each would panic
+/// `Duration::from_secs_f64` (`inf`, `1e20`) or mean nothing (`-1`, `nan`).
+const BAD_SECONDS: [&str; 4] = ["inf", "1e20", "-1", "nan"];
+
+fn refusal(key: &str, v: &str) -> String {
+    format!("{key} = {v} is not allowed: write a number of seconds from 0 to 31536000 (one year)")
+}
+
+#[test]
+fn a_duration_out_of_range_is_a_config_error_at_start() {
+    for v in BAD_SECONDS {
+        let s = setup(&format!("[fatal]\nmax_crashes = 2\nwindow_seconds = {v}\nactions = [\"file\"]\n"));
+        let mut child = std::process::Command::new(util::shmetrics_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(&s.dir)
+            .arg("--config")
+            .arg(&s.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let mut proc = util::Proc { child };
+        // Before durations were parsed at load time, this started and the alarm task panicked.
+        let status = proc.wait_timeout(Duration::from_secs(10));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).expect("stderr");
+        assert_eq!(status.code(), Some(2), "window_seconds = {v}: {err}");
+        assert!(err.contains(&refusal("window_seconds", v)), "window_seconds = {v}: {err}");
+        assert!(err.contains(&s.config.display().to_string()), "names the file: {err}");
+    }
+}
+
+#[test]
+fn sighup_with_a_duration_out_of_range_keeps_the_old_configuration() {
+    let rules = "[crash]\nactions = [\"file\"]\n[fatal]\nmax_crashes = 100\nwindow_seconds = 60\nactions = [\"file\"]\n";
+    let s = setup(rules);
+    let served = serve(&s, &[]);
+    for (i, v) in BAD_SECONDS.iter().enumerate() {
+        write_config(
+            &s.config,
+            &s.out,
+            &rules.replace("window_seconds = 60", &format!("window_seconds = {v}")),
+        );
+        served.proc.signal(Signal::SIGHUP);
+        let line = util::wait_for(T, &format!("refusal {} in the log", i + 1), || {
+            let log = std::fs::read_to_string(&served.log).ok()?;
+            log.lines()
+                .filter(|l| l.contains("keeping the configuration in force"))
+                .nth(i)
+                .map(str::to_string)
+        });
+        assert!(line.contains(&refusal("window_seconds", v)), "{line}");
+    }
+    // The old configuration is in force and the alarm task alive (a panic would have stopped it):
+    // a crash is reported.
+    let wl = util::workload(&s.dir, &["--workers", "1", "--series", "1", "--hold"]);
+    kill(wl.pids[0], Signal::SIGKILL);
+    wait_alarm(&s, &format!("pid {}", wl.pids[0]));
+    assert_eq!(metric(&served, "shmetrics_alarms_fired_total{kind=\"crash\",action=\"file\"}"), 1.0);
+    let log = std::fs::read_to_string(&served.log).expect("log");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn durations_on_the_command_line_are_bounded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let d = dir.to_str().expect("utf-8");
+    let runs: [&[&str]; 4] = [
+        &["serve", "--dir", d, "--listen", "127.0.0.1:0", "--upkeep-interval", "1e20"],
+        &["serve", "--dir", d, "--listen", "127.0.0.1:0", "--upkeep-interval", "inf"],
+        &["ctl", "--monitor", "127.0.0.1:9", "--timeout", "1e20", "health_check"],
+        &["ctl", "--monitor", "127.0.0.1:9", "--timeout", "nan", "health_check"],
+    ];
+    for args in runs {
+        let mut child = std::process::Command::new(util::shmetrics_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let mut proc = util::Proc { child };
+        let status = proc.wait_timeout(Duration::from_secs(10));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).expect("stderr");
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(
+                "is not allowed: write a number of seconds more than 0 and at most 31536000 (one year)"
+            ),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }

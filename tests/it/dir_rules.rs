@@ -563,6 +563,7 @@ fn dropped_series_and_updates_are_counted_and_exposed() {
     assert_eq!(n, kept.len(), "every registered series and only those");
     assert!(!s.contains_key(&format!("dr_series_total{{i=\"{dropped_i}\"}}")));
     assert!(!s.keys().any(|k| k.starts_with("dr_gauge") || k.starts_with("dr_hist")));
+    util::assert_openmetrics_parses(served.addr);
 }
 
 /// SIGTERM and SIGINT stop the aggregator cleanly: exit status 0, the directory is released (a new

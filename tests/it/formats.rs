@@ -168,3 +168,75 @@ fn prometheus_client_crate_encodes_the_same_samples() {
     };
     assert_eq!(lines(&ours), lines(&theirs), "ours:\n{ours}\ntheirs:\n{theirs}");
 }
+
+/// Histograms fed negative and NaN observations, or with negative bucket bounds, through the real
+/// writer: OpenMetrics (what Prometheus asks for) must parse with prometheus_client's OpenMetrics
+/// parser, which rejects a NaN or negative `_sum`, a `_sum` beside a negative `le`, and a
+/// `_count` without a `_sum`. Such series are written with their buckets only; Prometheus text
+/// keeps `_sum` and `_count` (and promtool accepts it).
+#[test]
+fn histograms_with_negative_or_nan_observations_parse_as_openmetrics() {
+    let py = util::require_python();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let served = util::serve(&dir, &[]);
+    let reg = shmetrics::writer::Registry::open(&dir).expect("registry");
+    let observe = |name: &str, bounds: &[f64], values: &[f64]| {
+        let h = reg.histogram(name, "Observations.", bounds).expect("histogram");
+        for v in values {
+            h.observe(*v);
+        }
+    };
+    observe("offset_seconds", &[0.1, 1.0], &[-2.0, 0.05]);
+    observe("ratio", &[0.5, 1.0], &[0.25, f64::NAN]);
+    observe("temp_delta", &[-1.0, 0.0, 1.0], &[-0.5, 0.5, 2.0]);
+    observe("latency_seconds", &[0.1, 1.0], &[0.05, 0.5]);
+
+    let r =
+        util::http_get(served.addr, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]);
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let (ok, out) = run_with_stdin(Command::new(&py).args(["-c", OM_PARSE]), text.as_bytes());
+    assert!(ok, "the OpenMetrics parser rejected our output:\n{out}\n{text}");
+    let ours: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            ["offset_seconds|", "ratio|", "temp_delta|", "latency_seconds|"].iter().any(|p| l.starts_with(p))
+        })
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            "latency_seconds|histogram|latency_seconds_bucket{le=\"0.1\"} 1.0",
+            "latency_seconds|histogram|latency_seconds_bucket{le=\"1.0\"} 2.0",
+            "latency_seconds|histogram|latency_seconds_bucket{le=\"+Inf\"} 2.0",
+            "latency_seconds|histogram|latency_seconds_count{} 2.0",
+            "latency_seconds|histogram|latency_seconds_sum{} 0.55",
+            // -2.0 + 0.05: negative.
+            "offset_seconds|histogram|offset_seconds_bucket{le=\"0.1\"} 2.0",
+            "offset_seconds|histogram|offset_seconds_bucket{le=\"1.0\"} 2.0",
+            "offset_seconds|histogram|offset_seconds_bucket{le=\"+Inf\"} 2.0",
+            // NaN goes to +Inf and makes the sum NaN.
+            "ratio|histogram|ratio_bucket{le=\"0.5\"} 1.0",
+            "ratio|histogram|ratio_bucket{le=\"1.0\"} 1.0",
+            "ratio|histogram|ratio_bucket{le=\"+Inf\"} 2.0",
+            // Negative bounds: no sum, whatever its sign (2.0 here).
+            "temp_delta|histogram|temp_delta_bucket{le=\"-1.0\"} 0.0",
+            "temp_delta|histogram|temp_delta_bucket{le=\"0.0\"} 1.0",
+            "temp_delta|histogram|temp_delta_bucket{le=\"1.0\"} 2.0",
+            "temp_delta|histogram|temp_delta_bucket{le=\"+Inf\"} 3.0",
+        ],
+        "{out}"
+    );
+
+    let prom = util::scrape(served.addr);
+    for line in [
+        "offset_seconds_count 2\noffset_seconds_sum -1.95\n",
+        "ratio_count 2\nratio_sum NaN\n",
+        "temp_delta_count 3\ntemp_delta_sum 2.0\n",
+    ] {
+        assert!(prom.contains(line), "{line:?} in\n{prom}");
+    }
+    let (ok, out) = run_with_stdin(Command::new("promtool").args(["check", "metrics"]), prom.as_bytes());
+    assert!(ok, "promtool check metrics failed:\n{out}\n{prom}");
+}

@@ -435,6 +435,7 @@ fn rolling_deploy_definitions_merge_like_multiprocesscollector() {
     let python = parse(&py, &std::fs::read_to_string(&out).expect("python exposition"), t);
     assert!(python.samples.len() > 10, "the reference output is suspiciously small");
     let ours = assert_same(&py, &served, &python, t, "old and new code side by side");
+    util::assert_openmetrics_parses(served.addr);
     assert_eq!(ours.get("shmetrics_metric_conflicts{}"), Some(0.0), "conflicts reported");
 }
 
@@ -635,6 +636,8 @@ fn old_format_files_are_read_or_rejected() {
 
     let ours = parse(&py, &util::scrape(served.addr), t);
     let (rejected, mut problems) = check_old_files(&ours, &served, "read");
+    util::assert_openmetrics_parses(served.addr);
+    util::assert_openmetrics_parses(served_c.addr);
     // Problems of the compacting directory that the plain one does not have already.
     let add = |what: &str, more: Vec<String>, problems: &mut Vec<String>| {
         for m in more {
@@ -733,6 +736,7 @@ fn foreign_db_files_are_skipped() {
     for (d, served) in [(&dir, &served), (&dir_c, &served_c)] {
         let what = d.display().to_string();
         let ours = parse(&py, &util::scrape(served.addr), t); // util::scrape asserts 200
+        util::assert_openmetrics_parses(served.addr);
         assert_eq!(ours.get("compat_ok_total{}"), Some(5.0), "{what}: compat_ok_total");
         assert_eq!(ours.families.get("compat_ok").map(|f| f.1.as_str()), Some("Still served."), "{what}");
         if d == &dir {

@@ -468,6 +468,7 @@ fn exact_counts(run: &mut RunProc, app: SocketAddr, server: &str) {
     assert_eq!(answered.get(&("/status/404".into(), 404)), Some(&30), "{server}: {answered:?}");
     assert_eq!(answered.get(&("/status/503".into(), 503)), Some(&10), "{server}: {answered:?}");
     check_dir_is_exported(run);
+    util::assert_openmetrics_parses(run.addr);
 
     let e = scrape(run.addr);
     assert_eq!(requests(&e, "/", "200"), 200.0, "{server}");
@@ -826,4 +827,36 @@ fn labels_le_normalized(s: &str) -> BTreeMap<String, String> {
         *v = if f.is_infinite() { "+Inf".to_string() } else { format!("{f}") };
     }
     labels
+}
+
+// ---------------------------------------------------------------------------------------------
+// `shmetrics run` killed by SIGKILL: the server and its workers go with it.
+
+/// Kills `run` with SIGKILL; the master (reparented) and every worker must die, and the
+/// application port must be free again: a new listener can bind it.
+fn sigkilled_run_takes_the_server_along(server: &str, mut run: RunProc, app: SocketAddr) {
+    wait_workers(app, &mut run, WORKERS);
+    let master = run.child_pid;
+    let workers = children_of(master);
+    assert_eq!(workers.len(), WORKERS, "{server} workers: {workers:?}");
+    run.signal(Signal::SIGKILL);
+    run.wait(LONG);
+    for pid in std::iter::once(master).chain(workers) {
+        wait_dead(pid);
+    }
+    util::wait_for(LONG, "the application port free again", || std::net::TcpListener::bind(app).ok());
+}
+
+#[test]
+fn gunicorn_dies_with_a_sigkilled_run() {
+    let xdg = tempfile::tempdir().expect("tempdir");
+    let (run, app) = start_gunicorn(&[], &[], xdg.path());
+    sigkilled_run_takes_the_server_along("gunicorn", run, app);
+}
+
+#[test]
+fn uwsgi_dies_with_a_sigkilled_run() {
+    let xdg = tempfile::tempdir().expect("tempdir");
+    let (run, app) = start_uwsgi(&[], &[], xdg.path());
+    sigkilled_run_takes_the_server_along("uwsgi", run, app);
 }

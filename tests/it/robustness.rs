@@ -184,6 +184,7 @@ fn garbage_truncated_and_foreign_files_are_skipped_and_counted() {
         assert_eq!(r.status, 200, "round {round}");
         let s = util::samples(&r.text());
         assert_workload_totals(&s, 2, 200);
+        util::assert_openmetrics_parses(env.addr());
         for (reason, n) in &expected {
             assert_eq!(get(&s, &format!("shmetrics_bad_files{{reason=\"{reason}\"}}")), *n, "{reason}");
         }

@@ -419,3 +419,200 @@ fn run_serves_metrics_while_the_child_runs() {
     assert_eq!(st.code(), Some(0), "stderr:\n{}", run.stderr_text());
     assert!(!run.dir.exists(), "private directory removed");
 }
+
+/// Whether process `pid` is gone: no /proc entry, or a zombie (it has released everything; its
+/// reaper may be a PID 1 that never reaps).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S …": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|s| s == "Z" || s == "X"),
+    }
+}
+
+/// The children of `pid` (`/proc/PID/task/PID/children`).
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A free port on 127.0.0.1 (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind").port()
+}
+
+/// `GET /` from the bundled pre-fork server: its answer, `hello from <pid>`.
+fn hello(port: u16) -> String {
+    let r = util::http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/", &[]);
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
+#[test]
+fn a_sigkilled_run_takes_its_application_along_and_the_next_start_cleans_up() {
+    let x = xdg();
+    let env = [("XDG_RUNTIME_DIR", path_str(x.path()))];
+    let server = util::example_bin("prefork_server");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["run", "--", path_str(&server), "--listen", &listen, "--workers", "2"];
+    let mut first = spawn_run(&args, &env);
+    first.stdout_line(LONG, "the server listening", |l| l.starts_with("listening on").then_some(()));
+    let master = first.child_pid;
+    let workers = util::wait_for(LONG, "2 workers", || Some(children(master)).filter(|c| c.len() == 2));
+    assert!(hello(port).starts_with("hello from"));
+    let left = first.dir.clone();
+
+    // The OOM killer, or supervisord after stopwaitsecs.
+    first.signal(Signal::SIGKILL);
+    first.wait(LONG);
+    // The master (its own process group, so no signal reaches it otherwise) dies with `run`, and
+    // its workers with it.
+    for pid in std::iter::once(master).chain(workers.iter().copied()) {
+        util::wait_for(LONG, &format!("process {pid} gone after run was killed"), || gone(pid).then_some(()));
+    }
+    assert!(left.is_dir(), "a killed run cannot remove its private directory");
+
+    // A replacement on the same application port: it starts and serves (no "address in use"),
+    // and removed the directory the killed one left behind before making its own.
+    let mut second = spawn_run(&args, &env);
+    second.stdout_line(LONG, "the new server listening", |l| l.starts_with("listening on").then_some(()));
+    let answer = hello(port);
+    // The bundled server's HTTP metrics and the job's process metrics, as Prometheus reads them.
+    util::assert_openmetrics_parses(second.addr);
+    assert!(!workers.iter().any(|w| answer == format!("hello from {w}")), "{answer}");
+    assert!(!left.exists(), "{} left behind", left.display());
+    let removed =
+        format!("removed {}, the private directory of a `shmetrics run` that was killed", left.display());
+    assert!(second.stderr_text().contains(&removed), "{}", second.stderr_text());
+    assert_eq!(util::ls(x.path()), vec![second.dir.file_name().and_then(|n| n.to_str()).expect("name")]);
+    wait_handlers(second.proc.pid(), &FORWARDED);
+    second.signal(Signal::SIGTERM);
+    assert_eq!(second.wait(LONG).code(), Some(0), "{}", second.stderr_text());
+    assert_eq!(util::ls(x.path()), Vec::<String>::new());
+}
+
+/// A private directory in `base`: mode 0700, with `files` (name, content).
+fn private(base: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = base.join(name);
+    std::fs::create_dir(&d).expect("mkdir");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    for (f, content) in files {
+        std::fs::write(d.join(f), content).expect("write");
+    }
+    d
+}
+
+/// Sets a directory's modification time `secs` seconds back.
+fn age(dir: &Path, secs: u64) {
+    let t = std::time::SystemTime::now() - Duration::from_secs(secs);
+    std::fs::File::open(dir).and_then(|f| f.set_modified(t)).expect("set mtime");
+}
+
+#[test]
+fn run_removes_only_dead_private_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let x = xdg();
+    let base = x.path();
+    // The pid of an aggregator that is gone (the lock is free: nobody holds it).
+    let dead = "pid 4000000\n";
+    let w = "w-1-00000000000000000000000000000000.shm";
+    // Removed: a killed run's directory (archive, dead writers, Python files of a dead process).
+    private(
+        base,
+        "shmetrics-dead01",
+        &[("aggregator.lock", dead), (w, ""), ("archive.json", "{}"), ("counter_4000000.db", "")],
+    );
+    // Removed: an empty directory (a run killed before it locked it), more than a minute old, with
+    // or without an empty lock file.
+    age(&private(base, "shmetrics-empty1", &[]), 120);
+    age(&private(base, "shmetrics-empty2", &[("aggregator.lock", "")]), 120);
+
+    // Kept: all of these.
+    let mut kept = Vec::new();
+    // Young and never locked: a run may be starting right now.
+    kept.push(private(base, "shmetrics-young1", &[]));
+    kept.push(private(base, "shmetrics-young2", &[("aggregator.lock", "")]));
+    // Old, but never locked and not empty.
+    let d = private(base, "shmetrics-nopid1", &[("aggregator.lock", ""), (w, "")]);
+    age(&d, 120);
+    kept.push(d);
+    // In use: its aggregator holds the lock.
+    let d = private(base, "shmetrics-inuse1", &[("aggregator.lock", "pid 1\n")]);
+    let held = std::fs::File::open(d.join("aggregator.lock")).expect("open");
+    held.try_lock().expect("lock");
+    kept.push(d);
+    // A worker that outlived the run still writes its file.
+    let d = private(base, "shmetrics-write1", &[("aggregator.lock", dead), (w, "")]);
+    let writer = std::fs::File::open(d.join(w)).expect("open");
+    writer.try_lock().expect("lock");
+    kept.push(d);
+    // A Python worker that is alive (the test process: the file is younger than it).
+    kept.push(private(
+        base,
+        "shmetrics-pylive",
+        &[("aggregator.lock", dead), (&format!("counter_{}.db", std::process::id()), "")],
+    ));
+    // A file we do not know.
+    kept.push(private(base, "shmetrics-forgn1", &[("aggregator.lock", dead), ("notes.txt", "mine")]));
+    // Not mode 0700, or not ours.
+    let d = private(base, "shmetrics-mode01", &[("aggregator.lock", dead)]);
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    kept.push(d);
+    let d = private(base, "shmetrics-uid001", &[("aggregator.lock", dead)]);
+    std::os::unix::fs::chown(&d, Some(65534), Some(65534)).expect("chown");
+    kept.push(d);
+    let d = private(base, "shmetrics-fuid01", &[("aggregator.lock", dead), (w, "")]);
+    std::os::unix::fs::chown(d.join(w), Some(65534), None).expect("chown");
+    kept.push(d);
+    // Links are never followed: a symlink named like ours, and a directory holding a symlink.
+    let target = private(base, "target", &[("aggregator.lock", dead), (w, "")]);
+    std::os::unix::fs::symlink(&target, base.join("shmetrics-link01")).expect("symlink");
+    kept.push(base.join("shmetrics-link01"));
+    let outside = base.join("outside.txt");
+    std::fs::write(&outside, "precious").expect("write");
+    let d = private(base, "shmetrics-slnk01", &[("aggregator.lock", dead)]);
+    std::os::unix::fs::symlink(&outside, d.join(w)).expect("symlink");
+    kept.push(d);
+    let d = private(base, "shmetrics-slnk02", &[]);
+    std::os::unix::fs::symlink(&outside, d.join("aggregator.lock")).expect("symlink");
+    age(&d, 120);
+    kept.push(d);
+    // A FIFO does not hang the start.
+    let d = private(base, "shmetrics-fifo01", &[("aggregator.lock", dead)]);
+    nix::unistd::mkfifo(&d.join(w), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    kept.push(d);
+    // A subdirectory.
+    let d = private(base, "shmetrics-sub001", &[("aggregator.lock", dead)]);
+    std::fs::create_dir(d.join(w)).expect("mkdir");
+    kept.push(d);
+    // Not named like ours.
+    kept.push(private(base, "shmetrics-toolong", &[("aggregator.lock", dead)]));
+    kept.push(private(base, "shmetrics-abc.de", &[("aggregator.lock", dead)]));
+
+    let before: Vec<(PathBuf, Vec<String>)> =
+        kept.iter().map(|d| (d.clone(), if d.is_dir() { util::ls(d) } else { Vec::new() })).collect();
+    let (st, _, err) = run_to_end(&["run", "--", "true"], &[("XDG_RUNTIME_DIR", path_str(base))], LONG);
+    assert_eq!(st.code(), Some(0), "{err}");
+    for gone in ["shmetrics-dead01", "shmetrics-empty1", "shmetrics-empty2"] {
+        assert!(!base.join(gone).exists(), "{gone} not removed; stderr:\n{err}");
+        assert!(err.contains(&format!("removed {}", base.join(gone).display())), "{err}");
+    }
+    for (d, files) in before {
+        assert!(d.exists(), "{} removed", d.display());
+        if d.is_dir() {
+            assert_eq!(util::ls(&d), files, "{}", d.display());
+        }
+    }
+    assert_eq!(util::ls(&target), vec!["aggregator.lock".to_string(), w.to_string()]);
+    assert_eq!(std::fs::read_to_string(&outside).expect("outside"), "precious");
+    drop((held, writer));
+}

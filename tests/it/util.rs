@@ -323,6 +323,36 @@ pub fn require_python() -> String {
     py
 }
 
+/// Scrapes `/metrics` as OpenMetrics (what Prometheus asks for) and checks that
+/// prometheus_client's OpenMetrics parser accepts all of it (the parser checks more than
+/// Prometheus does: counter-like samples neither NaN nor negative, histogram `_sum`/`_count`
+/// rules, bucket order). Panics with the parser's error and the text. Returns the text.
+pub fn assert_openmetrics_parses(addr: SocketAddr) -> String {
+    const PARSE: &str = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as f\n\
+        n = sum(len(m.samples) for m in f(sys.stdin.read()))\n\
+        print(n)\n";
+    let py = require_python();
+    let r = http_get(addr, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]);
+    assert_eq!(r.status, 200, "OpenMetrics scrape");
+    let text = r.text();
+    let mut child = Command::new(&py)
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the OpenMetrics parser");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "prometheus_client's OpenMetrics parser rejected the exposition:\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Parses the inside of `{…}` of an exposition line (`a="x",b="y\n"`) into a map, unescaping
 /// values.
 pub fn parse_labels(mut s: &str) -> BTreeMap<String, String> {

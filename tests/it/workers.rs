@@ -357,6 +357,7 @@ fn forked_workers_merge_exactly_and_fold_on_exit() {
     let s = scrape(served.addr);
     check_workload(&s, &expected(&p, &pids, true), &master);
     assert_eq!(one(&s, "shmetrics_workers_live"), 4.0, "4 workers; the master is not one");
+    util::assert_openmetrics_parses(served.addr);
     assert_eq!(one(&s, "shmetrics_files"), 5.0);
     assert_eq!(one(&s, "shmetrics_workers_dead_total"), 0.0);
 
@@ -376,6 +377,7 @@ fn forked_workers_merge_exactly_and_fold_on_exit() {
     assert_eq!(one(&s, "shmetrics_workers_dead_total"), 5.0);
     assert_eq!(one(&s, "shmetrics_workers_crashed_total"), 0.0);
     assert_eq!(one(&s, "shmetrics_workers_live"), 0.0);
+    util::assert_openmetrics_parses(served.addr);
     // And stable on the next scrape.
     check_workload(&scrape(served.addr), &expected(&p, &pids, false), &master);
 }
