@@ -19,8 +19,8 @@
 //! Options: `--workers W` (4), `--series S` (10), `--histograms H` (1), `--incs K` (1),
 //! `--master-incs M` (0), `--hold`, `--hog-mb N` (worker 0 holds N MiB of resident memory).
 //!
-//! Options for full-disk tests (every worker waits until all are forked before it writes, so they
-//! all see the disk in the same state):
+//! Options for full-disk tests (every worker waits until all are forked, and have run their fork
+//! handlers, before it writes, so they all see the disk in the same state):
 //! - `--fill PATH`: after registering (its file exists) and before forking, the master fills the
 //!   file system of `PATH` by writing a new file `PATH` until `ENOSPC`, then frees
 //!   `--fill-leave-kib L` KiB (0) of it again. It prints `workload: filled PATH: <n> bytes free` on
@@ -35,6 +35,9 @@
 //!   workers, which then do not die with it, wait until it is gone, do one more round, and exit
 //!   (with `--hold`: wait for SIGTERM/SIGINT first). With `--master-crash` the master instead
 //!   kills itself with SIGKILL (so its file is not marked as cleanly exited).
+//! - `--slow-fork-handler-ms D`: every worker but worker 0 sleeps `D` ms in a `pthread_atfork`
+//!   child handler that runs before shmetrics' own (where a child decides between a file of its own
+//!   and the inherited one), so a test can show that the start signal waits for it.
 //! - `--ready`: every worker and grandchild calls `set_ready(true)` after each round (the master
 //!   never does).
 //!
@@ -72,13 +75,15 @@
 //! Run it: `mkdir -p /tmp/wl && SHMETRICS_DIR=/tmp/wl cargo run --example workload -- --workers 3`.
 //!
 //! The only `unsafe` is the `fork()` call itself (`nix::unistd::fork` is an `unsafe fn`): the master
-//! is single-threaded when it forks, which is what that function requires.
+//! is single-threaded when it forks, which is what that function requires; and, for
+//! `--slow-fork-handler-ms`, the `pthread_atfork` registration of a handler that only sleeps.
 #![deny(unsafe_code)]
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -142,6 +147,34 @@ struct Args {
     /// Workers and grandchildren declare themselves ready after each round.
     #[arg(long)]
     ready: bool,
+    /// Every worker but worker 0 sleeps this long in a fork handler that runs before shmetrics'.
+    #[arg(long, default_value_t = 0)]
+    slow_fork_handler_ms: u64,
+}
+
+/// The worker being forked (set by the master before each fork) and `--slow-fork-handler-ms`.
+static FORKING: AtomicU64 = AtomicU64::new(0);
+static SLOW_FORK_MS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn slow_child_handler() {
+    let ms = SLOW_FORK_MS.load(Ordering::Relaxed);
+    if ms > 0 && FORKING.load(Ordering::Relaxed) != 0 {
+        // nanosleep is async-signal-safe: allowed in a child's fork handler.
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Registers [`slow_child_handler`]. Called before the registry is created, so that it runs before
+/// shmetrics' child handler (child handlers run in the order they were registered).
+#[allow(unsafe_code)]
+fn register_slow_fork_handler(ms: u64) -> Result<()> {
+    SLOW_FORK_MS.store(ms, Ordering::Relaxed);
+    // SAFETY: the handler only reads two atomics and sleeps, which is safe in a forked child.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(slow_child_handler)) };
+    if rc != 0 {
+        bail!("pthread_atfork: {}", std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
 /// Forks the process.
@@ -216,6 +249,9 @@ fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    if args.slow_fork_handler_ms > 0 {
+        register_slow_fork_handler(args.slow_fork_handler_ms)?;
+    }
 
     let registry = Registry::global();
     let handles = Handles::create(registry, &args)?;
@@ -243,12 +279,21 @@ fn main() -> Result<()> {
     let (rd, wr) = nix::unistd::pipe()?;
     // The master writes one byte per worker once all are forked: the start signal.
     let (go_rd, go_wr) = nix::unistd::pipe()?;
+    // Every worker writes one byte once fork() has returned in it, i.e. once the fork handlers
+    // (shmetrics' among them) have run. In the parent, fork() returns before that.
+    let (forked_rd, forked_wr) = nix::unistd::pipe()?;
     let mut pids = Vec::new();
     for w in 0..args.workers {
+        FORKING.store(w, Ordering::Relaxed);
         match fork() {
             Ok(ForkResult::Child) => {
                 drop(rd);
                 drop(go_wr);
+                drop(forked_rd);
+                if let Err(e) = File::from(forked_wr).write_all(&[1]) {
+                    eprintln!("workload: worker {w}: writing the forked pipe: {e}");
+                    std::process::exit(1);
+                }
                 if !args.orphan {
                     // Die with the master (a test harness may SIGKILL it): no orphaned workers. A
                     // master that died before the prctl sends no signal: then stop at once.
@@ -278,26 +323,27 @@ fn main() -> Result<()> {
     }
     drop(wr);
     drop(go_rd);
+    drop(forked_wr);
+    let forked = count_bytes(File::from(forked_rd), args.workers);
+    if forked != Ok(args.workers) {
+        stop(&pids, Signal::SIGTERM);
+        reap_all(&pids);
+        bail!("only {} of {} workers got past their fork handlers", forked.unwrap_or(0), args.workers);
+    }
     File::from(go_wr).write_all(&vec![1u8; args.workers as usize]).context("starting the workers")?;
 
     // Every worker writes one byte when it is done; EOF first means one died before finishing.
-    let mut rd = File::from(rd);
-    let mut got = 0u64;
-    let mut buf = [0u8; 64];
-    while got < args.workers {
-        match rd.read(&mut buf) {
-            Ok(0) => {
-                stop(&pids, Signal::SIGTERM);
-                reap_all(&pids);
-                bail!("only {got} of {} workers finished writing", args.workers);
-            }
-            Ok(n) => got += n as u64,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                stop(&pids, Signal::SIGTERM);
-                reap_all(&pids);
-                return Err(e).context("reading the pipe");
-            }
+    match count_bytes(File::from(rd), args.workers) {
+        Ok(got) if got == args.workers => {}
+        Ok(got) => {
+            stop(&pids, Signal::SIGTERM);
+            reap_all(&pids);
+            bail!("only {got} of {} workers finished writing", args.workers);
+        }
+        Err(e) => {
+            stop(&pids, Signal::SIGTERM);
+            reap_all(&pids);
+            bail!("reading the pipe: {e}");
         }
     }
 
@@ -446,6 +492,21 @@ fn fill(path: &Path, leave: u64) -> Result<u64> {
     f.sync_all()?;
     let st = nix::sys::statvfs::fstatvfs(&f)?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Reads from `rd` until `want` bytes have come or the pipe is at EOF; returns how many came.
+fn count_bytes(mut rd: File, want: u64) -> Result<u64, ErrorKind> {
+    let mut got = 0u64;
+    let mut buf = [0u8; 64];
+    while got < want {
+        match rd.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.kind()),
+        }
+    }
+    Ok(got)
 }
 
 /// Sends `sig` to every pid in `pids` that still exists.

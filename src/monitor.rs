@@ -134,7 +134,7 @@ const COMMANDS: &[(&str, Command, &str)] = &[
     (
         "monitor",
         Command::Monitor,
-        "Show what is running: the aggregator and the workers\n\n\
+        "Show what is running: the aggregator, the workers and this port\n\n\
          Usage: monitor [long]  (the argument is accepted for compatibility and ignored)",
     ),
     (
@@ -206,7 +206,8 @@ pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: impl Future<O
             }
         };
         tracing::debug!(%peer, "monitor connection");
-        let ctx = Context { ops: Arc::clone(&ops), measuring: Arc::clone(&measuring) };
+        let ctx =
+            Context { ops: Arc::clone(&ops), measuring: Arc::clone(&measuring), slots: Arc::clone(&slots) };
         conns.spawn(connection(stream, ctx, stop_rx.clone(), slot));
     }
     drop(listener);
@@ -309,6 +310,19 @@ struct Context {
     ops: Arc<Ops>,
     /// Permits for `perf_metrics` measurements ([`MAX_MEASUREMENTS`]).
     measuring: Arc<Semaphore>,
+    /// The connection slots, for the `monitor` command's account of this port.
+    slots: Arc<Slots>,
+}
+
+/// The last line of `monitor`: how full this port is, so an operator (or a test) can see it without
+/// taking a slot or a measurement permit of its own beyond this connection.
+fn port_line(ctx: &Context) -> String {
+    let running = MAX_MEASUREMENTS.saturating_sub(ctx.measuring.available_permits());
+    format!(
+        "monitor port: {} of {MAX_CONNECTIONS} connections open, {running} of {MAX_MEASUREMENTS} \
+         perf_metrics measurements running\n",
+        ctx.slots.in_use()
+    )
 }
 
 /// Serves one connection. The slot is busy (cannot be evicted) only while a command runs.
@@ -453,9 +467,10 @@ async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
             let ops = Arc::clone(ops);
             match tokio::spawn(async move { ops.monitor_text().await }).await {
                 Ok(mut text) => {
-                    if !text.ends_with('\n') {
+                    if !text.is_empty() && !text.ends_with('\n') {
                         text.push('\n');
                     }
+                    text.push_str(&port_line(ctx));
                     (text, Mode::Same)
                 }
                 Err(e) => (failed("monitor", &e), Mode::Same),

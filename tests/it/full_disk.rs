@@ -386,12 +386,18 @@ fn full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room() 
     std::fs::remove_dir_all(&dir).expect("clean up");
 
     // The workers free the disk before forking: each grandchild creates a file of its own (with
-    // the records its worker knew), so only the workers share.
+    // the records its worker knew), so only the workers share. Worker 1 is slow in its fork
+    // handlers: the first worker to free the disk must not do it before every worker has decided
+    // (it did, before the workload waited for that, and worker 1 then got a file of its own).
     let dir = fs.dir();
     let agg = util::spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], &root);
     let mut run = Run::start(
         &dir,
-        &workload_args(filler, "2", &["--grandchildren", "1", "--free-before-grandchildren"]),
+        &workload_args(
+            filler,
+            "2",
+            &["--grandchildren", "1", "--free-before-grandchildren", "--slow-fork-handler-ms", "200"],
+        ),
     );
     let sent = Sent { workers: 2, series: 4, incs: 7, new_series: 2, rounds: 2 };
     // The grandchildren have exited: their own files are folded (or about to be).
