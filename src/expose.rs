@@ -261,10 +261,17 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
 
 /// Encodes a snapshot in `format`.
 pub fn encode(snapshot: &Snapshot, format: Format) -> String {
+    encode_with(snapshot, &[], format)
+}
+
+/// Encodes a snapshot followed by `extra` families (added by the aggregator: process figures,
+/// alarm counters) in `format`, without copying the snapshot.
+pub fn encode_with(snapshot: &Snapshot, extra: &[SnapFamily], format: Format) -> String {
     // Histograms write one line per bucket plus two: size the buffer for the lines, not the series.
     let lines: usize = snapshot
         .families
         .iter()
+        .chain(extra)
         .map(|f| {
             f.series.len()
                 * (if f.meta.desc.metric_type == MetricType::Histogram {
@@ -275,7 +282,7 @@ pub fn encode(snapshot: &Snapshot, format: Format) -> String {
         })
         .sum();
     let mut out = String::with_capacity(lines * 72 + 1024);
-    for f in &snapshot.families {
+    for f in snapshot.families.iter().chain(extra) {
         encode_family(&mut out, f, format);
     }
     if format == Format::OpenMetrics {

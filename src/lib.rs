@@ -63,9 +63,11 @@
 //!
 //! [`layout`] (the on-disk format; the crate's only `unsafe`) → [`writer`] (worker side) and
 //! [`reader`] (aggregator side) → [`merge`] (job-wide view) with [`archive`] (dead workers) →
-//! [`expose`] (Prometheus text and OpenMetrics encoders) → [`serve`] (HTTP). [`dir`] holds the rules
-//! for the directory (ownership, what is cleared at start-up) and [`aggregator`] ties a scrape
-//! together.
+//! [`aggregator`] (one directory, followed; [`dir`] holds its rules) → [`job`] (owns the
+//! aggregator and the only upkeep task, publishes views and exits, shares merges among scrapes)
+//! → [`health`], [`report`] and [`alarm`] (pure functions and consumers of views) → [`server`]
+//! (HTTP and the monitor port). [`expose`] encodes snapshots (Prometheus text, OpenMetrics).
+//! Nothing imports a module to its right.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -75,18 +77,16 @@ pub mod archive;
 pub mod dir;
 pub mod error;
 pub mod expose;
+pub mod health;
+pub mod job;
 pub mod layout;
 pub mod merge;
-pub mod monitor;
-pub mod ops;
-pub mod perf;
 pub mod procs;
 pub mod python;
 pub mod reader;
-pub mod serve;
-pub mod slots;
+pub mod report;
+pub mod server;
 pub mod trust;
-pub mod warmup;
 pub mod writer;
 
 pub use error::{Error, Result};

@@ -137,6 +137,18 @@ pub struct JobInput {
     pub masters: HashSet<ProcKey>,
 }
 
+/// Now, unix seconds (0 if the clock is before 1970).
+pub fn unix_now() -> f64 {
+    SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// This process's resident memory in bytes, `-1` if `/proc` cannot tell.
+pub fn own_rss() -> i64 {
+    procfs::process::Process::myself()
+        .and_then(|p| p.statm())
+        .map_or(-1, |m| m.resident as i64 * procfs::page_size() as i64)
+}
+
 /// Wall-clock time of boot, unix seconds, to sub-millisecond precision (`/proc/stat`'s `btime` is
 /// whole seconds).
 pub fn boot_time() -> Option<f64> {
@@ -315,7 +327,7 @@ pub fn collect(input: &JobInput) -> Vec<ProcStats> {
         }
     }
     // A lone Python process may be a preloading master about to fork (see the module docs).
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let now = unix_now();
     for s in &mut out {
         let lone = s.kind == Kind::Python && !images.contains_key(&s.ppid);
         if lone && now - s.start_time < LONE_GRACE.as_secs_f64() {

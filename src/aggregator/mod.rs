@@ -83,8 +83,11 @@ pub struct Exit {
 /// Counters and gauges about the aggregator itself.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
-    /// Scrapes served.
+    /// Scrapes served (as told by the caller of [`Aggregator::scrape_counted`]; one per merge
+    /// with [`Aggregator::scrape`]).
     pub scrapes: u64,
+    /// Merges done: several scrapes may share one.
+    pub merges: u64,
     /// Duration of the last scrape's merge.
     pub last_scrape: Duration,
     /// Writer files followed in the last scrape.
@@ -326,8 +329,17 @@ impl Aggregator {
         pids
     }
 
-    /// Scans the directory, folds dead workers and returns the merged view plus self metrics.
+    /// Scans the directory, folds dead workers and returns the merged view plus self metrics;
+    /// counts one scrape and one merge.
     pub fn scrape(&mut self) -> Snapshot {
+        let scrapes = self.stats.scrapes + 1;
+        self.scrape_counted(scrapes)
+    }
+
+    /// [`Aggregator::scrape`] for a caller that shares merges between scrapes: `scrapes` is how
+    /// many it has been asked for so far (exposed as `shmetrics_scrapes_total`, next to
+    /// `shmetrics_merges_total`).
+    pub fn scrape_counted(&mut self, scrapes: u64) -> Snapshot {
         let started = Instant::now();
         self.scan();
         let mut accs = Vec::new();
@@ -360,7 +372,8 @@ impl Aggregator {
             self.mark_bad(&name, reason, &why);
         }
         let mut snap = self.merger.snapshot(accs);
-        self.stats.scrapes += 1;
+        self.stats.scrapes = self.stats.scrapes.max(scrapes);
+        self.stats.merges += 1;
         self.stats.series = snap.series_count();
         self.stats.last_scrape = started.elapsed();
         self.self_metrics(&mut snap);
@@ -804,6 +817,7 @@ impl Aggregator {
         let mut fams = vec![
             one(&m.scrape_seconds, Value::F64(s.last_scrape.as_secs_f64())),
             one(&m.scrapes, Value::U64(s.scrapes)),
+            one(&m.merges, Value::U64(s.merges)),
             one(&m.files, Value::F64(s.files as f64)),
             one(&m.live, Value::F64(s.live_workers as f64)),
             one(&m.dead, Value::U64(s.totals.dead_workers)),
@@ -920,6 +934,7 @@ struct SelfMeta {
     no_labels: Arc<LabelSet>,
     scrape_seconds: Arc<FamilyMeta>,
     scrapes: Arc<FamilyMeta>,
+    merges: Arc<FamilyMeta>,
     files: Arc<FamilyMeta>,
     live: Arc<FamilyMeta>,
     dead: Arc<FamilyMeta>,
@@ -967,6 +982,12 @@ impl SelfMeta {
                 &[],
             ),
             scrapes: meta("shmetrics_scrapes", "Scrapes served by this aggregator.", Counter, &[]),
+            merges: meta(
+                "shmetrics_merges",
+                "Merges of every file: concurrent scrapes share one (at most one runs at a time).",
+                Counter,
+                &[],
+            ),
             files: meta("shmetrics_files", "Worker files followed in the last scrape.", Gauge, &[]),
             live: meta("shmetrics_workers_live", "Workers alive in the last scrape.", Gauge, &[]),
             dead: meta(

@@ -1,5 +1,9 @@
 //! Turning what the aggregator sees into alarms.
 //!
+//! The rules consume the job core ([`crate::job`]): its feed of worker exits (every exit exactly
+//! once, whoever else reads exits) and its latest view. They never scan the directory themselves;
+//! thresholds read a merged scrape, which shares a merge with any scrape in flight.
+//!
 //! [`run`] checks every second for crashes and fatal conditions, and every
 //! `check_interval_seconds` for memory and thresholds:
 //! - *crash*: a worker's file was folded without its clean-exit flag (killed, segfault, OOM);
@@ -20,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use super::config::{AlarmConfig, Measure, Op, Scope};
 use super::{Event, EventKind, Pipeline};
+use crate::aggregator::Exit;
+use crate::job::{Job, JobView};
 use crate::layout::MetricType;
 use crate::merge::{Snapshot, Value};
-use crate::ops::Ops;
-use crate::perf::ProcStats;
+use crate::procs::ProcStats;
 
 /// A series selector: `name` or `name{label="value",…}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,17 +154,9 @@ fn measure_name(m: Measure) -> &'static str {
 }
 
 impl Detector {
-    /// Crashes and fatal conditions, from the aggregator's view (a fresh directory scan).
-    pub async fn check_workers(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
-        let shared = Arc::clone(ops.shared());
-        let seen = tokio::task::spawn_blocking(move || {
-            shared.with(|a| {
-                a.compact();
-                (a.take_exits(), a.live_workers(), a.workers_ever_seen())
-            })
-        })
-        .await;
-        let Ok((exits, live, ever_seen)) = seen else { return };
+    /// Crashes (the exits since the last check) and fatal conditions (from the latest view).
+    pub fn check_workers(&mut self, exits: &[Exit], view: &JobView, pipeline: &Pipeline, cfg: &AlarmConfig) {
+        let (live, ever_seen) = (view.live_workers, view.ever_seen);
         let now = Instant::now();
         for e in exits.iter().filter(|e| !e.clean) {
             self.crashes.push_back(now);
@@ -217,13 +214,12 @@ impl Detector {
         }
     }
 
-    /// Memory rules, from the job's process figures.
-    pub async fn check_memory(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
+    /// Memory rules, from the job's process figures in the latest view.
+    pub fn check_memory(&mut self, view: &JobView, pipeline: &Pipeline, cfg: &AlarmConfig) {
         if cfg.memory.is_empty() {
             return;
         }
-        let job = ops.procs().await;
-        let procs = &job.procs;
+        let procs = &view.procs;
         let now = Instant::now();
         for (i, rule) in cfg.memory.iter().enumerate() {
             let grace = rule.grace_seconds.get();
@@ -284,12 +280,11 @@ impl Detector {
     }
 
     /// Threshold rules, from a merged scrape.
-    pub async fn check_thresholds(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline, cfg: &AlarmConfig) {
+    pub fn check_thresholds(&mut self, snap: &Snapshot, pipeline: &Pipeline, cfg: &AlarmConfig) {
         if cfg.threshold.is_empty() {
             return;
         }
-        let Some(snap) = ops.shared().scrape().await else { return };
-        let all = samples(&snap);
+        let all = samples(snap);
         let now = Instant::now();
         for (i, rule) in cfg.threshold.iter().enumerate() {
             let Some(sel) = Selector::parse(&rule.series) else { continue };
@@ -328,26 +323,39 @@ impl Detector {
     }
 
     /// One round: crashes and fatal every time; memory and thresholds when their interval is due.
-    pub async fn check(&mut self, ops: &Arc<Ops>, pipeline: &Pipeline) {
+    pub async fn check(&mut self, job: &Arc<Job>, exits: &[Exit], pipeline: &Pipeline) {
         let cfg = pipeline.config();
-        self.check_workers(ops, pipeline, &cfg).await;
+        let view = job.view();
+        self.check_workers(exits, &view, pipeline, &cfg);
         let due = self.last_slow_check.is_none_or(|t| t.elapsed() >= cfg.check_interval_seconds.get());
         if due {
             self.last_slow_check = Some(Instant::now());
-            self.check_memory(ops, pipeline, &cfg).await;
-            self.check_thresholds(ops, pipeline, &cfg).await;
+            self.check_memory(&view, pipeline, &cfg);
+            if !cfg.threshold.is_empty() {
+                if let Some(snap) = job.scrape().await {
+                    self.check_thresholds(&snap, pipeline, &cfg);
+                }
+            }
         }
     }
 }
 
-/// Checks the rules until the task is aborted.
-pub async fn run(ops: Arc<Ops>, pipeline: Arc<Pipeline>) {
+/// Checks the rules until the task is aborted: every second, and as soon as an exit arrives.
+pub async fn run(job: Arc<Job>, pipeline: Arc<Pipeline>) {
+    let mut exits_rx = job.exits();
     let mut d = Detector::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        d.check(&ops, &pipeline).await;
+        let mut exits = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(e) = exits_rx.recv() => exits.push(e),
+        }
+        while let Ok(e) = exits_rx.try_recv() {
+            exits.push(e);
+        }
+        d.check(&job, &exits, &pipeline).await;
     }
 }
 

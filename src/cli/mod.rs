@@ -83,8 +83,10 @@ struct AggregatorArgs {
     /// series per pid), `job` (totals only: no series come and go with worker pids), `none`.
     #[arg(long, value_enum, default_value_t = ProcessMetricsArg::All)]
     process_metrics: ProcessMetricsArg,
-    /// Seconds between directory upkeep passes (folding dead workers) when nobody scrapes.
-    #[arg(long, default_value = "2", value_parser = positive_secs)]
+    /// Seconds between upkeep passes: folding dead workers' files, and the view of the job
+    /// (workers, readiness, memory, CPU) that health checks, perf_metrics, monitor and alarms
+    /// read.
+    #[arg(long, default_value = "1", value_parser = positive_secs)]
     upkeep_interval: Duration,
 }
 
@@ -139,9 +141,9 @@ impl AggregatorArgs {
         })
     }
 
-    fn health(&self) -> shmetrics::ops::HealthConfig {
-        let warmup_url = self.warmup_url.clone().filter(|_| !shmetrics::warmup::disabled_by_env());
-        shmetrics::ops::HealthConfig { min_workers: self.min_workers, warmup_url }
+    fn health(&self) -> shmetrics::health::HealthConfig {
+        let warmup_url = self.warmup_url.clone().filter(|_| !shmetrics::server::warmup::disabled_by_env());
+        shmetrics::health::HealthConfig { min_workers: self.min_workers, warmup_url }
     }
 
     fn options(&self) -> shmetrics::aggregator::Options {
@@ -200,7 +202,7 @@ struct Servers {
     /// Where /metrics is served (the bound address, also when the port was 0).
     http_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
-    shared: std::sync::Arc<shmetrics::serve::Shared>,
+    job: std::sync::Arc<shmetrics::job::Job>,
     alarms: Option<std::sync::Arc<shmetrics::alarm::Pipeline>>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -225,13 +227,14 @@ impl Servers {
             }
             None => None,
         };
-        let shared = shmetrics::serve::Shared::new(agg);
+        let job = shmetrics::job::Job::new(agg, args.upkeep());
         let process_metrics = match args.process_metrics {
-            ProcessMetricsArg::All => shmetrics::perf::ProcessMetrics::All,
-            ProcessMetricsArg::Job => shmetrics::perf::ProcessMetrics::Job,
-            ProcessMetricsArg::None => shmetrics::perf::ProcessMetrics::None,
+            ProcessMetricsArg::All => shmetrics::report::ProcessMetrics::All,
+            ProcessMetricsArg::Job => shmetrics::report::ProcessMetrics::Job,
+            ProcessMetricsArg::None => shmetrics::report::ProcessMetrics::None,
         };
-        let ops = shmetrics::ops::Ops::new(shared.clone(), args.health(), process_metrics, alarms.clone());
+        let state =
+            shmetrics::server::State::new(job.clone(), args.health(), process_metrics, alarms.clone());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -239,17 +242,15 @@ impl Servers {
         let (http_addr, monitor_addr) = (http.local_addr()?, mon.local_addr()?);
         tracing::info!("monitor port on {monitor_addr}");
         let tasks = vec![
-            tokio::spawn(shmetrics::serve::http(http, ops.clone(), until(rx.clone()))),
-            tokio::spawn(shmetrics::monitor::serve(mon, ops.clone(), until(rx))),
+            tokio::spawn(shmetrics::server::http::serve(http, state.clone(), until(rx.clone()))),
+            tokio::spawn(shmetrics::server::monitor::serve(mon, state.clone(), until(rx))),
         ];
-        let mut background = vec![
-            tokio::spawn(shmetrics::serve::upkeep(shared.clone(), args.upkeep())),
-            tokio::spawn(ops.clone().run_warmup()),
-        ];
+        let mut background =
+            vec![tokio::spawn(job.clone().run_upkeep()), tokio::spawn(state.clone().run_warmup())];
         if let Some(p) = &alarms {
-            background.push(tokio::spawn(shmetrics::alarm::rules::run(ops.clone(), p.clone())));
+            background.push(tokio::spawn(shmetrics::alarm::rules::run(job.clone(), p.clone())));
         }
-        Ok(Servers { http_addr, stop, shared, tasks, background, alarms, config: args.config.clone() })
+        Ok(Servers { http_addr, stop, job, tasks, background, alarms, config: args.config.clone() })
     }
 
     /// Reloads the alarm configuration (SIGHUP). A bad file is refused with an error in the log,
@@ -279,7 +280,7 @@ impl Servers {
             t.abort();
         }
         // What only the in-memory archive holds goes to disk before we exit.
-        self.shared.with(|a| a.flush());
+        self.job.flush();
     }
 }
 
@@ -300,18 +301,18 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Raises the soft limit on open files to the hard limit. Both ports hold a descriptor per
-/// connection (up to `monitor::MAX_CONNECTIONS` + `serve::MAX_CONNECTIONS`, plus those being told
+/// connection (up to `monitor::MAX_CONNECTIONS` + `http::MAX_CONNECTIONS`, plus those being told
 /// "too many"), besides one per worker file: with the usual soft limit of 1024, a flood of
 /// connections would make `accept` fail, and refuse health checks with it. Children started
 /// before this keep the limit they inherited (`run` calls it after starting its command).
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    use shmetrics::{monitor, serve};
+    use shmetrics::server::{http, monitor};
     // Both ports full, plus worker files, listeners, logs and pipes.
     let wanted = (monitor::MAX_CONNECTIONS
         + monitor::MAX_REJECTING
-        + serve::MAX_CONNECTIONS
-        + serve::MAX_REJECTING
+        + http::MAX_CONNECTIONS
+        + http::MAX_REJECTING
         + 1024) as u64;
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(l) => l,

@@ -315,3 +315,53 @@ fn durations_on_the_command_line_are_bounded() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// Every consumer sees every exit once: 8 of 12 workers SIGKILLed while health checks, perf_metrics
+/// and scrapes run all the time (each of them used to scan the directory and could take exits
+/// before the crash rule saw them). Each crash gives exactly one alarm, and the counters agree.
+#[test]
+fn every_exit_reaches_the_alarms_and_the_counters_once() {
+    let s = setup("[crash]\nactions = [\"file\"]\n");
+    let served = serve(&s, &[]);
+    let wl = util::workload(&s.dir, &["--workers", "12", "--series", "1", "--hold"]);
+    let addr = served.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pollers: Vec<_> = ["/healthz", "/perf_metrics", "/metrics"]
+        .into_iter()
+        .map(|path| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    util::http_get(addr, path, &[]);
+                }
+            })
+        })
+        .collect();
+    let victims: Vec<i32> = wl.pids[..8].to_vec();
+    for (i, v) in victims.iter().enumerate() {
+        kill(*v, Signal::SIGKILL);
+        if i % 2 == 1 {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    util::wait_for(T, "8 crashes counted", || {
+        (metric(&served, "shmetrics_workers_crashed_total") == 8.0).then_some(())
+    });
+    drop(wl); // the other 4 and the master exit cleanly
+    util::wait_for(T, "all files folded", || (util::worker_files(&s.dir) == 0).then_some(()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pollers {
+        p.join().expect("poller");
+    }
+    let fired = r#"shmetrics_alarms_fired_total{kind="crash",action="file"}"#;
+    util::wait_for(T, "8 crash alarms delivered", || (metric(&served, fired) == 8.0).then_some(()));
+    let text = alarms(&s);
+    for v in &victims {
+        let n = text.matches(&format!("worker pid {v} exited without a clean exit")).count();
+        assert_eq!(n, 1, "pid {v}: {n} alarms in\n{text}");
+    }
+    assert_eq!(text.matches("exited without a clean exit").count(), 8, "{text}");
+    assert_eq!(metric(&served, "shmetrics_workers_crashed_total"), 8.0);
+    assert_eq!(metric(&served, "shmetrics_workers_dead_total"), 13.0, "12 workers and the master");
+    assert_eq!(metric(&served, fired), 8.0);
+}

@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use shmetrics::serve::{
+use shmetrics::server::http::{
     HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_MEASUREMENTS, MAX_REJECTING, WRITE_TIMEOUT,
 };
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use shmetrics::monitor::{LINE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE, MAX_MEASUREMENTS};
+use shmetrics::server::monitor::{LINE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE, MAX_MEASUREMENTS};
 
 use crate::util::{self, Proc, Served};
 
@@ -236,12 +236,14 @@ fn commands_one_per_connection() {
     // monitor: the aggregator first, the port's own account last (this connection is open).
     let mon = ask(m, b"monitor\n");
     assert!(mon.starts_with("aggregator pid "), "{mon:?}");
-    assert!(
-        mon.ends_with(
-            "\nmonitor port: 1 of 512 connections open, 0 of 4 perf_metrics measurements running\n"
-        ),
-        "{mon:?}"
-    );
+    // This connection, and maybe earlier ones still draining their input (LINGER).
+    let port = mon.lines().last().unwrap_or("");
+    let open: usize = port
+        .strip_prefix("monitor port: ")
+        .and_then(|r| r.strip_suffix(" of 512 connections open, 0 of 4 perf_metrics measurements running"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{mon:?}"));
+    assert!((1..=20).contains(&open), "{mon:?}");
 
     // Arguments where none are taken; quit and interactive outside interactive mode.
     assert!(ask(m, b"health_check now\n").starts_with("Error: health_check takes at most 0 arguments"));

@@ -442,7 +442,10 @@ fn bad_protocol_input_is_refused_and_the_next_scrape_works() {
 
 /// Samples without the ones that change from scrape to scrape.
 fn stable(text: &str) -> BTreeMap<String, f64> {
-    util::samples(text).into_iter().filter(|(k, _)| !k.starts_with("shmetrics_scrape")).collect()
+    util::samples(text)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("shmetrics_scrape") && !k.starts_with("shmetrics_merges"))
+        .collect()
 }
 
 #[test]
@@ -506,4 +509,46 @@ fn copies_of_a_live_workers_file_are_not_counted_twice() {
         assert_eq!(get(&s, "shmetrics_workers_dead_total"), 0.0, "round {round}");
         assert_eq!(get(&s, "shmetrics_workers_live"), 2.0, "round {round}: 2 workers and their master");
     }
+}
+
+/// 300 clients scrape a W=4 S=1000 directory at once: every one gets the whole, right
+/// exposition, and they share merges (issue 9: one merge for many scrapes). How many merges
+/// depends on timing; that they are fewer than the scrapes does not (a merge of 4 files takes
+/// far longer than it takes the 300 requests to arrive while it runs).
+#[test]
+fn concurrent_scrapes_share_one_merge() {
+    const CLIENTS: usize = 300;
+    util::raise_open_files_limit(4 * CLIENTS as u64);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let served = util::serve(&dir, &[]);
+    let wl = util::workload(&dir, &["--workers", "4", "--series", "1000", "--hold"]);
+    let addr = served.addr;
+    let before = util::samples(&util::scrape(addr));
+    let scrapes_before = before["shmetrics_scrapes_total"];
+    let merges_before = before["shmetrics_merges_total"];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                util::http_get(addr, "/metrics", &[])
+            })
+        })
+        .collect();
+    for c in clients {
+        let r = c.join().expect("client");
+        assert_eq!(r.status, 200);
+        let s = util::samples(&r.text());
+        // K·(i+1)·T with K = 1, i = 999, T = 1+2+3+4.
+        assert_eq!(s.get("wl_requests_total{route=\"/r999\"}"), Some(&10000.0));
+        assert_eq!(s.len(), before.len(), "every series in every answer");
+    }
+    let after = util::samples(&util::scrape(addr));
+    let scrapes = after["shmetrics_scrapes_total"] - scrapes_before;
+    let merges = after["shmetrics_merges_total"] - merges_before;
+    assert_eq!(scrapes, CLIENTS as f64 + 1.0, "each scrape counted");
+    assert!(merges >= 1.0 && merges < scrapes / 2.0, "{merges} merges for {scrapes} scrapes");
+    drop(wl);
 }

@@ -1,9 +1,15 @@
 //! The aggregator's HTTP endpoint: `/metrics` on its own port, separate from the application's.
 //!
 //! Built on hyper 1 with content negotiation (Prometheus text 0.0.4 by default, OpenMetrics 1.0.0
-//! when `Accept` asks for it) and gzip when `Accept-Encoding` allows. Scrapes run on the blocking
-//! pool, one at a time (the aggregator is behind a mutex); encoding and compression happen outside
-//! the lock.
+//! when `Accept` asks for it) and gzip when `Accept-Encoding` allows.
+//!
+//! # Many scrapers, one merge
+//!
+//! A scrape asks the job core ([`crate::job::Job::scrape`]), which shares one merge among every
+//! scrape that arrives while it runs. The response body is shared the same way: it is built once
+//! per merged snapshot, view and wire format ([`Bodies`]), and every request that got the same
+//! snapshot sends the same bytes. So 1,000 concurrent scrapers cost a few merges and encodings, not
+//! 1,000 (BENCHMARKS.md, section (f)).
 //!
 //! # Limits
 //!
@@ -11,7 +17,8 @@
 //! whole response body; without limits, 2,000 concurrent scrapers took the aggregator from 16 to
 //! 720 MiB resident, 486 MiB of it still there 30 s later (BENCHMARKS.md, section (e)). So:
 //!
-//! - [`MAX_CONNECTIONS`] connections at once. The next ones get a short `503` ("too many
+//! - [`MAX_CONNECTIONS`] connections at once (their response bodies shared). The next ones get a
+//!   short `503` ("too many
 //!   connections", `Retry-After: 1`) and are closed, [`MAX_REJECTING`] at a time (further ones are
 //!   closed without a word), so refusing costs no more than serving;
 //! - [`HEADER_READ_TIMEOUT`]: a request head must arrive within it, or the connection is closed.
@@ -30,8 +37,8 @@
 //!   both threads busy: as many scrapes per second as without a bound (2 cost 10 %), at a third
 //!   less memory than without (BENCHMARKS.md, section (e)).
 //!
-//! These are limits of the connection and request layers only; how scrapes are computed (and shared) is up to
-//! [`Shared::scrape`].
+//! These are limits of the connection and request layers only; how scrapes are computed (and
+//! shared) is up to the job core.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -50,20 +57,21 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::aggregator::Aggregator;
+use super::State;
 use crate::expose::{self, Format};
+use crate::job::JobView;
 use crate::merge::Snapshot;
-use crate::ops::Ops;
 
 /// How long a client may take to send its request head (also: how long a keep-alive connection
 /// may stay idle between requests).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a response write may make no progress before the connection is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once. A connection holds its whole response body while it is written,
-/// so this also bounds that memory (to this many times the size of `/metrics`); Prometheus needs
-/// one connection per server.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once. Connections that got the same merge share one response body (see
+/// [`Bodies`]), so a connection costs its descriptor and hyper's buffers, not a copy of
+/// `/metrics`: 1,000 scrapers at once are all served (the limit was 64 while every connection
+/// held a body of its own).
+pub const MAX_CONNECTIONS: usize = 1024;
 /// Over-limit connections being sent their `503` at once; further ones are closed without a word.
 pub const MAX_REJECTING: usize = 32;
 /// `/perf_metrics?interval=…` measurements running at once.
@@ -80,27 +88,48 @@ const REJECT_DRAIN_BYTES: usize = 64 * 1024;
 /// At most one "too many connections" warning in the log per this period.
 const REJECT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
-/// State shared by all connections.
-pub struct Shared {
-    aggregator: Mutex<Aggregator>,
+/// A `/metrics` body, and what it was built from.
+struct Body {
+    snapshot: Arc<Snapshot>,
+    view: Arc<JobView>,
+    format: Format,
+    gzip: bool,
+    bytes: Bytes,
+    /// `Content-Encoding` (`gzip`), if compressed.
+    encoding: Option<&'static str>,
 }
 
-impl Shared {
-    /// Wraps an aggregator for serving.
-    pub fn new(aggregator: Aggregator) -> Arc<Shared> {
-        Arc::new(Shared { aggregator: Mutex::new(aggregator) })
+/// The latest body of each wire format: requests that got the same merged snapshot (and view) send
+/// the same bytes instead of encoding and compressing them again.
+#[derive(Default)]
+struct Bodies {
+    latest: Mutex<Vec<Arc<Body>>>,
+}
+
+impl Bodies {
+    fn get(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        view: &Arc<JobView>,
+        format: Format,
+        gzip: bool,
+    ) -> Option<Arc<Body>> {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest
+            .iter()
+            .find(|b| {
+                Arc::ptr_eq(&b.snapshot, snapshot)
+                    && Arc::ptr_eq(&b.view, view)
+                    && b.format == format
+                    && b.gzip == gzip
+            })
+            .cloned()
     }
 
-    /// Runs `f` with the aggregator locked.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Aggregator) -> R) -> R {
-        let mut guard = self.aggregator.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut guard)
-    }
-
-    /// Scrapes on the blocking pool.
-    pub async fn scrape(self: &Arc<Self>) -> Option<Snapshot> {
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.with(Aggregator::scrape)).await.ok()
+    fn put(&self, body: Arc<Body>) {
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest.retain(|b| !(b.format == body.format && b.gzip == body.gzip));
+        latest.push(body);
     }
 }
 
@@ -128,20 +157,20 @@ const INDEX: &str = "shmetrics aggregator\n\n\
 /healthz       200 OK, or 503 with the reason\n\
 /perf_metrics  JSON: memory, workers, metrics statistics (?interval=SECONDS adds CPU %)\n";
 
-/// Permits shared by a server's connections.
+/// Permits and caches shared by a server's connections.
 struct Limits {
     /// [`MAX_MEASUREMENTS`].
     measuring: Arc<Semaphore>,
     /// [`MAX_BUILDING`].
     building: Semaphore,
+    bodies: Bodies,
 }
 
 async fn handle(
-    ops: Arc<Ops>,
+    state: Arc<State>,
     limits: Arc<Limits>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let shared = Arc::clone(ops.shared());
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -149,13 +178,9 @@ async fn handle(
         return Ok(r);
     }
     let resp = match req.uri().path() {
-        "/metrics" => {
-            // Never closed, so `acquire` cannot fail.
-            let _building = limits.building.acquire().await.ok();
-            metrics(&ops, &shared, &req).await
-        }
+        "/metrics" => metrics(&state, &limits, &req).await,
         "/healthz" => {
-            let h = ops.health().await;
+            let h = state.health();
             let status = if h.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             text(status, format!("{}\n", h.message))
         }
@@ -164,7 +189,7 @@ async fn handle(
                 q.split('&').find_map(|kv| kv.strip_prefix("interval=")).and_then(|v| v.parse::<f64>().ok())
             });
             // Intervals out of range are ignored (no measurement), as `perf::document` does.
-            let measures = interval.is_some_and(|i| i > 0.0 && i <= crate::monitor::MAX_INTERVAL);
+            let measures = interval.is_some_and(|i| i > 0.0 && i <= super::MAX_INTERVAL);
             let permit = match measures.then(|| Arc::clone(&limits.measuring).try_acquire_owned()) {
                 Some(Err(_)) => {
                     return Ok(text(
@@ -178,7 +203,7 @@ async fn handle(
                 Some(Ok(p)) => Some(p),
                 None => None,
             };
-            let doc = ops.perf_metrics(interval).await;
+            let doc = state.perf_metrics(interval).await;
             drop(permit);
             let mut r = Response::new(Full::new(Bytes::from(format!("{doc}\n"))));
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -190,18 +215,47 @@ async fn handle(
     Ok(if head { resp.map(|_| Full::new(Bytes::new())) } else { resp })
 }
 
-async fn metrics(ops: &Arc<Ops>, shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn metrics(state: &State, limits: &Limits, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let format = Format::from_accept(header(ACCEPT));
     let gzip = accepts_gzip(header(ACCEPT_ENCODING));
-    // Who is a worker and the job's CPU time come from /proc (at most perf::TTL old).
-    ops.procs().await;
-    let Some(mut snapshot) = shared.scrape().await else {
+    let Some(snapshot) = state.job().scrape().await else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "scrape failed; see the aggregator's log\n");
     };
-    crate::perf::process_families(ops, &mut snapshot, ops.process_metrics()).await;
-    crate::perf::alarm_families(ops, &mut snapshot);
-    let body = expose::encode(&snapshot, format).into_bytes();
+    // Who is a worker, their figures and the job's CPU time: the latest view.
+    let view = state.job().view();
+    let body = match limits.bodies.get(&snapshot, &view, format, gzip) {
+        Some(b) => b,
+        None => {
+            // Never closed, so `acquire` cannot fail.
+            let _building = limits.building.acquire().await.ok();
+            // Another request may have built it while this one waited.
+            match limits.bodies.get(&snapshot, &view, format, gzip) {
+                Some(b) => b,
+                None => {
+                    let b = Arc::new(build(state, snapshot, view, format, gzip));
+                    limits.bodies.put(Arc::clone(&b));
+                    b
+                }
+            }
+        }
+    };
+    let mut r = Response::new(Full::new(body.bytes.clone()));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    r.headers_mut().insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
+    if let Some(e) = body.encoding {
+        r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(e));
+    }
+    r
+}
+
+/// Encodes (and compresses) a merged snapshot with the process and alarm families of `view`.
+fn build(state: &State, snapshot: Arc<Snapshot>, view: Arc<JobView>, format: Format, gzip: bool) -> Body {
+    let mut extra = crate::report::process_families(&view, &snapshot, state.process_metrics());
+    if let Some(a) = state.alarms() {
+        extra.extend(crate::report::alarm_families(&a));
+    }
+    let body = expose::encode_with(&snapshot, &extra, format).into_bytes();
     let (body, encoding) = if gzip {
         let mut enc =
             flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
@@ -212,24 +266,23 @@ async fn metrics(ops: &Arc<Ops>, shared: &Arc<Shared>, req: &Request<Incoming>) 
     } else {
         (body, None)
     };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
-    r.headers_mut().insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
-    if let Some(e) = encoding {
-        r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(e));
-    }
-    r
+    Body { snapshot, view, format, gzip, bytes: Bytes::from(body), encoding }
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then gives in-flight requests a few
 /// seconds to finish.
-pub async fn http(listener: TcpListener, ops: Arc<Ops>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let serving = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let limits = Arc::new(Limits {
         measuring: Arc::new(Semaphore::new(MAX_MEASUREMENTS)),
         building: Semaphore::new(MAX_BUILDING),
+        bodies: Bodies::default(),
     });
     let mut last_reject_log: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -257,13 +310,13 @@ pub async fn http(listener: TcpListener, ops: Arc<Ops>, shutdown: impl std::futu
             // Else the stream is dropped: closed without a word.
             continue;
         };
-        let (ops, limits) = (Arc::clone(&ops), Arc::clone(&limits));
+        let (state, limits) = (Arc::clone(&state), Arc::clone(&limits));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(
                 TokioIo::new(WriteTimeout::new(stream, WRITE_TIMEOUT)),
-                hyper::service::service_fn(move |req| handle(Arc::clone(&ops), Arc::clone(&limits), req)),
+                hyper::service::service_fn(move |req| handle(Arc::clone(&state), Arc::clone(&limits), req)),
             );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -383,18 +436,6 @@ impl AsyncWrite for WriteTimeout {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let r = Pin::new(&mut self.stream).poll_shutdown(cx);
         self.progress(cx, r)
-    }
-}
-
-/// Runs directory upkeep (folding dead workers) every `every`, so the directory stays bounded even
-/// when nobody scrapes.
-pub async fn upkeep(shared: Arc<Shared>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let me = Arc::clone(&shared);
-        let _ = tokio::task::spawn_blocking(move || me.with(Aggregator::compact)).await;
     }
 }
 

@@ -18,7 +18,7 @@
 //! - Errors of our own (bad arguments, limits) are one line starting with `Error: `.
 //!
 //! Commands: `health_check` (the health message, `OK` when the job can serve, see
-//! [`crate::ops`]), `perf_metrics [db|-] [interval]` (one line of JSON), `monitor` (what is
+//! [`crate::health`]), `perf_metrics [db|-] [interval]` (one line of JSON), `monitor` (what is
 //! running), `help [command]`, `interactive`, `quit`.
 //!
 //! # Limits
@@ -32,7 +32,7 @@
 //!   get an `Error:` line and are closed); [`IDLE_TIMEOUT`] replaces it in interactive mode, for
 //!   each line;
 //! - [`WRITE_TIMEOUT`]: a client that does not read its reply is dropped;
-//! - [`MAX_CONNECTIONS`] connections at once ([`crate::slots`]). An idle connection costs a
+//! - [`MAX_CONNECTIONS`] connections at once ([`super::slots`]). An idle connection costs a
 //!   descriptor and a few hundred bytes, so the limit is high; when it is reached, the connection
 //!   idle the longest is closed to make room for the newcomer. Idle is everything but running a
 //!   command: waiting for the first complete line, waiting for the next one in interactive mode,
@@ -64,8 +64,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::ops::Ops;
-use crate::slots::{Admit, Slot, Slots};
+use super::slots::{Admit, Slot, Slots};
+use super::State;
+pub use super::MAX_INTERVAL;
 
 /// Longest command line, in bytes, without its `\n`.
 pub const MAX_LINE: usize = 4096;
@@ -80,8 +81,6 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Connections being told "too many connections" at once (when every slot runs a command);
 /// further ones are closed without a reply.
 pub const MAX_REJECTING: usize = 64;
-/// Longest `perf_metrics` measuring interval, in seconds.
-pub const MAX_INTERVAL: f64 = 10.0;
 /// `perf_metrics` measurements (with an interval) running at once.
 pub const MAX_MEASUREMENTS: usize = 4;
 /// How long unread input is drained after the reply before the connection is closed.
@@ -153,7 +152,7 @@ const COMMANDS: &[(&str, Command, &str)] = &[
 ];
 
 /// Serves the monitor protocol on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let slots = Slots::new(MAX_CONNECTIONS);
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
@@ -206,8 +205,11 @@ pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: impl Future<O
             }
         };
         tracing::debug!(%peer, "monitor connection");
-        let ctx =
-            Context { ops: Arc::clone(&ops), measuring: Arc::clone(&measuring), slots: Arc::clone(&slots) };
+        let ctx = Context {
+            state: Arc::clone(&state),
+            measuring: Arc::clone(&measuring),
+            slots: Arc::clone(&slots),
+        };
         conns.spawn(connection(stream, ctx, stop_rx.clone(), slot));
     }
     drop(listener);
@@ -307,7 +309,7 @@ impl Input {
 
 /// What a connection needs besides its socket.
 struct Context {
-    ops: Arc<Ops>,
+    state: Arc<State>,
     /// Permits for `perf_metrics` measurements ([`MAX_MEASUREMENTS`]).
     measuring: Arc<Semaphore>,
     /// The connection slots, for the `monitor` command's account of this port.
@@ -418,7 +420,7 @@ enum Mode {
 
 /// Runs a command (`words` is not empty) and returns its reply.
 async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
-    let ops = &ctx.ops;
+    let state = &ctx.state;
     let Some((name, args)) = words.split_first() else {
         return (String::new(), Mode::Same);
     };
@@ -436,11 +438,7 @@ async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
             if let Some(e) = arity(0) {
                 return (e, Mode::Same);
             }
-            let ops = Arc::clone(ops);
-            match tokio::spawn(async move { ops.health().await }).await {
-                Ok(h) => (format!("{}\n", h.message), Mode::Same),
-                Err(e) => (failed("health_check", &e), Mode::Same),
-            }
+            (format!("{}\n", state.health().message), Mode::Same)
         }
         Command::Help => {
             if let Some(e) = arity(1) {
@@ -464,17 +462,9 @@ async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
             if let Some(e) = arity(1) {
                 return (e, Mode::Same);
             }
-            let ops = Arc::clone(ops);
-            match tokio::spawn(async move { ops.monitor_text().await }).await {
-                Ok(mut text) => {
-                    if !text.is_empty() && !text.ends_with('\n') {
-                        text.push('\n');
-                    }
-                    text.push_str(&port_line(ctx));
-                    (text, Mode::Same)
-                }
-                Err(e) => (failed("monitor", &e), Mode::Same),
-            }
+            let mut text = crate::report::monitor_text(&state.job().view());
+            text.push_str(&port_line(ctx));
+            (text, Mode::Same)
         }
         Command::PerfMetrics => {
             if let Some(e) = arity(2) {
@@ -498,9 +488,9 @@ async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
                     }
                 },
             };
-            let ops = Arc::clone(ops);
+            let state = Arc::clone(state);
             let run = async move {
-                let doc = ops.perf_metrics(interval).await;
+                let doc = state.perf_metrics(interval).await;
                 drop(permit);
                 doc
             };

@@ -1,12 +1,15 @@
-//! What the job is doing, from the last scan and `/proc`: `perf_metrics` (JSON), `monitor` (text)
-//! and the process metrics added to `/metrics`.
+//! What the job is doing, as text and figures: the `perf_metrics` JSON document, the `monitor`
+//! command's text, and the families `/metrics` adds to the merged snapshot (process figures,
+//! alarm counters).
+//!
+//! Pure functions of the job's latest view ([`JobView`]) and the alarm pipeline's counters:
+//! nothing here scans, sleeps or locks, so it is all tested without a runtime.
 //!
 //! Python's multiprocess mode cannot report per-process memory or CPU; the aggregator can, because
 //! it knows every worker's pid ([`crate::procs`] tells workers from masters). Memory follows
 //! ftw.monitor: RSS from `statm`, USS (private pages) and PSS (proportional share) from
 //! `smaps_rollup`, in bytes, `-1` where unavailable (another user's process, a kernel without
-//! `smaps_rollup`, another pid namespace). Reading `smaps_rollup` walks a process's page tables, so
-//! figures are cached for [`TTL`].
+//! `smaps_rollup`, another pid namespace).
 //!
 //! In `/metrics`, the job as a whole has families of its own (`shmetrics_job_*`), apart from the
 //! per-process `process_*{pid}` series, so that `sum(process_resident_memory_bytes)` is the job's
@@ -14,19 +17,16 @@
 //! workers that are gone stays in it). Per-process series come and go with the processes (under
 //! `max_requests` churn, a few hundred pids an hour); `--process-metrics job` leaves them out.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::alarm::{AlarmStats, Event, EventKind};
+use crate::health::Health;
+use crate::job::JobView;
 use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Snapshot, Value};
-use crate::ops::Ops;
-use crate::procs;
-pub use crate::procs::ProcStats;
-
-/// How long process figures are reused.
-pub const TTL: Duration = Duration::from_secs(2);
+use crate::procs::{total, ProcStats};
 
 /// Which process metrics `/metrics` carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,80 +40,52 @@ pub enum ProcessMetrics {
     None,
 }
 
-/// The job's processes and CPU time, as of one look at `/proc`.
+/// What the alarm pipeline has to say, for reports.
 #[derive(Clone, Debug, Default)]
-pub struct JobProcs {
-    /// Workers and masters.
-    pub procs: Vec<ProcStats>,
-    /// The job's CPU seconds, including processes that are gone (never goes down).
-    pub cpu_seconds: f64,
+pub struct Alarms {
+    /// Its counters.
+    pub stats: AlarmStats,
+    /// The most recent events, oldest first.
+    pub recent: Vec<Event>,
+    /// The configured action names.
+    pub actions: Vec<String>,
 }
 
-/// One look at `/proc` for the job, accounted in the aggregator (masters, CPU time).
-fn collect(ops: &Ops) -> JobProcs {
-    // A fresh scan first: the processes are those of the files in the directory now.
-    let input = ops.shared().with(|a| {
-        a.compact();
-        a.job_input()
-    });
-    let procs = procs::collect(&input);
-    let cpu_seconds = ops.shared().with(|a| a.account(&procs));
-    JobProcs { procs, cpu_seconds }
+/// CPU use measured over an interval: the view at its start, the view at its end, its length.
+pub struct Measured<'a> {
+    /// The view when the interval started.
+    pub before: &'a JobView,
+    /// A view taken after it ended.
+    pub after: &'a JobView,
+    /// The time between the two views, seconds (> 0).
+    pub seconds: f64,
+    /// The interval asked for, seconds.
+    pub interval: f64,
 }
 
-/// Cached process figures.
-#[derive(Default)]
-pub struct ProcCache {
-    cached: Mutex<Option<(Instant, Arc<JobProcs>)>>,
+/// Per process in `before` still there in `after`: (pid, CPU % of one core over the interval).
+fn cpu_percent(m: &Measured<'_>) -> Vec<(i32, f64)> {
+    m.before
+        .procs
+        .iter()
+        .filter_map(|b| {
+            let a = m.after.procs.iter().find(|a| a.pid == b.pid && a.start_time == b.start_time)?;
+            Some((b.pid, 100.0 * (a.cpu_seconds - b.cpu_seconds) / m.seconds))
+        })
+        .collect()
 }
 
-impl ProcCache {
-    /// The job's process figures, at most [`TTL`] old.
-    pub async fn get(&self, ops: &Arc<Ops>) -> Arc<JobProcs> {
-        if let Some((at, v)) = self.cached.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            if at.elapsed() < TTL {
-                return Arc::clone(v);
-            }
-        }
-        let ops2 = Arc::clone(ops);
-        let fresh = Arc::new(tokio::task::spawn_blocking(move || collect(&ops2)).await.unwrap_or_default());
-        *self.cached.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((Instant::now(), Arc::clone(&fresh)));
-        fresh
-    }
-}
-
-use crate::procs::total;
-
-/// The `perf_metrics` document. With `interval` (seconds, at most 10), CPU use is measured over
-/// that interval and reported as a percentage of one core.
-pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Value {
-    let health = ops.health().await;
-    let job = ops.procs().await;
-    let procs = &job.procs;
-    let cpu_percent: Option<Vec<(i32, f64)>> = match interval.filter(|i| *i > 0.0 && *i <= 10.0) {
-        Some(secs) => {
-            let before: Vec<(i32, f64)> = procs.iter().map(|p| (p.pid, p.cpu_seconds)).collect();
-            // Filtered to (0, 10] above (NaN too); `try_` all the same: it comes from a client.
-            tokio::time::sleep(Duration::try_from_secs_f64(secs).unwrap_or_default()).await;
-            let ops2 = Arc::clone(ops);
-            let after = tokio::task::spawn_blocking(move || collect(&ops2)).await.unwrap_or_default().procs;
-            Some(
-                before
-                    .iter()
-                    .filter_map(|(pid, c0)| {
-                        after
-                            .iter()
-                            .find(|a| a.pid == *pid)
-                            .map(|a| (*pid, 100.0 * (a.cpu_seconds - c0) / secs))
-                    })
-                    .collect(),
-            )
-        }
-        None => None,
-    };
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let (stats, dir) = ops.shared().with(|a| (a.stats().clone(), a.dir().display().to_string()));
+/// The `perf_metrics` document. With a measurement, CPU use over its interval is reported as a
+/// percentage of one core, per process and for the job.
+pub fn document(
+    view: &JobView,
+    health: &Health,
+    alarms: Option<&Alarms>,
+    measured: Option<&Measured<'_>>,
+) -> serde_json::Value {
+    let procs = &view.procs;
+    let cpu_percent = measured.map(cpu_percent);
+    let stats = &view.stats;
     let workers: Vec<serde_json::Value> = procs
         .iter()
         .map(|p| {
@@ -121,7 +93,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
                 "pid": p.pid,
                 "kind": p.kind.as_str(),
                 "start_time": p.start_time,
-                "uptime": now - p.start_time,
+                "uptime": view.at - p.start_time,
                 "rss": p.rss,
                 "uss": p.uss,
                 "pss": p.pss,
@@ -139,9 +111,9 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
     let bad: usize = stats.bad_files.values().sum();
     let mut doc = json!({
         "instance": {
-            "uptime": ops.uptime().as_secs_f64(),
-            "pid": std::process::id(),
-            "dir": dir,
+            "uptime": view.uptime,
+            "pid": view.aggregator_pid,
+            "dir": view.dir.display().to_string(),
             "health": health.message,
             "healthy": health.ok,
         },
@@ -150,7 +122,7 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
             "uss": total(procs, |p| p.uss),
             "pss": total(procs, |p| p.pss),
         },
-        "cpu": { "seconds": job.cpu_seconds },
+        "cpu": { "seconds": view.cpu_seconds },
         "workers": workers,
         "metrics": {
             "files": stats.files,
@@ -168,21 +140,21 @@ pub async fn document(ops: &Arc<Ops>, interval: Option<f64>) -> serde_json::Valu
         },
         "scrape": {
             "last_duration_seconds": stats.last_scrape.as_secs_f64(),
-            "scrapes": stats.scrapes,
+            "scrapes": view.scrapes,
+            "merges": stats.merges,
         },
     });
-    if let Some(p) = ops.alarms() {
-        let st = p.stats();
+    if let Some(a) = alarms {
         doc["alarms"] = json!({
-            "fired": st.fired.values().sum::<u64>(),
-            "suppressed": st.suppressed.values().sum::<u64>(),
-            "failed": st.failed.values().sum::<u64>(),
-            "recent": p.recent(),
+            "fired": a.stats.fired.values().sum::<u64>(),
+            "suppressed": a.stats.suppressed.values().sum::<u64>(),
+            "failed": a.stats.failed.values().sum::<u64>(),
+            "recent": a.recent,
         });
     }
-    if let Some(c) = &cpu_percent {
+    if let (Some(c), Some(m)) = (&cpu_percent, measured) {
         doc["cpu"]["percent"] = json!(c.iter().fold(0.0, |a, (_, p)| a + p.max(0.0)));
-        doc["cpu"]["interval"] = json!(interval);
+        doc["cpu"]["interval"] = json!(m.interval);
     }
     doc
 }
@@ -196,16 +168,14 @@ fn mib(b: i64) -> String {
 }
 
 /// The `monitor` command's text: the aggregator, then each process of the job.
-pub async fn monitor_text(ops: &Arc<Ops>) -> String {
-    let job = ops.procs().await;
-    let procs = &job.procs;
-    let me = procfs::process::Process::new(std::process::id() as i32).and_then(|p| p.statm()).ok();
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+pub fn monitor_text(view: &JobView) -> String {
+    let procs = &view.procs;
+    let now = view.at;
     let mut out = format!(
         "aggregator pid {} rss {} uptime {:.0} s\n",
-        std::process::id(),
-        mib(me.map_or(-1, |m| m.resident as i64 * procfs::page_size() as i64)),
-        ops.uptime().as_secs_f64()
+        view.aggregator_pid,
+        mib(view.aggregator_rss),
+        view.uptime
     );
     let workers = procs.iter().filter(|p| p.kind.is_worker()).count();
     let ready = procs.iter().filter(|p| p.kind.is_worker() && p.ready).count();
@@ -250,12 +220,12 @@ fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMet
 /// `shmetrics_job_unique_memory_bytes`, `shmetrics_job_proportional_memory_bytes`,
 /// `shmetrics_job_open_fds` (sums over the live processes; left out while any process's figure is
 /// unavailable) and `shmetrics_job_cpu_seconds_total` (including processes that are gone).
-pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot, which: ProcessMetrics) {
+/// Returns the families to add to `snap` (which it only reads, to leave the application's alone).
+pub fn process_families(view: &JobView, snap: &Snapshot, which: ProcessMetrics) -> Vec<SnapFamily> {
     if which == ProcessMetrics::None {
-        return;
+        return Vec::new();
     }
-    let job = ops.procs().await;
-    let procs = &job.procs;
+    let procs = &view.procs;
     type Field = fn(&ProcStats) -> f64;
     let fams: [(&str, &str, &str, MetricType, Field); 6] = [
         (
@@ -329,16 +299,15 @@ pub async fn process_families(ops: &Arc<Ops>, snap: &mut Snapshot, which: Proces
             MetricType::Counter,
             &[],
         ),
-        series: vec![(Arc::new(LabelSet::default()), Value::F64(job.cpu_seconds))],
+        series: vec![(Arc::new(LabelSet::default()), Value::F64(view.cpu_seconds))],
     });
-    snap.families.extend(added);
+    added
 }
 
-/// Appends the alarm counters to a scrape: `shmetrics_alarms_fired_total{kind,action}`,
+/// The alarm counters: `shmetrics_alarms_fired_total{kind,action}`,
 /// `shmetrics_alarms_suppressed_total{kind}`, `shmetrics_alarm_actions_failed_total{action}`.
-pub fn alarm_families(ops: &Ops, snap: &mut Snapshot) {
-    let Some(p) = ops.alarms() else { return };
-    let st = p.stats();
+pub fn alarm_families(alarms: &Alarms) -> Vec<SnapFamily> {
+    let st = &alarms.stats;
     let counter = |name: &str, help: &str, labels: &[&str]| {
         let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
         Arc::new(FamilyMeta {
@@ -357,16 +326,12 @@ pub fn alarm_families(ops: &Ops, snap: &mut Snapshot) {
     let pairs = |v: &[(&str, &str)]| {
         Arc::new(LabelSet::new(v.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
     };
-    let kinds = [
-        crate::alarm::EventKind::Crash,
-        crate::alarm::EventKind::Fatal,
-        crate::alarm::EventKind::Memory,
-        crate::alarm::EventKind::Threshold,
-    ];
-    let actions: Vec<String> = p.config().actions.keys().cloned().collect();
+    let kinds = [EventKind::Crash, EventKind::Fatal, EventKind::Memory, EventKind::Threshold];
+    let actions = &alarms.actions;
+    let mut out = Vec::new();
     let mut fired = Vec::new();
     for k in kinds {
-        for a in &actions {
+        for a in actions {
             let n = st.fired.get(&(k, a.clone())).copied().unwrap_or(0);
             fired.push((pairs(&[("kind", k.as_str()), ("action", a)]), Value::U64(n)));
         }
@@ -402,7 +367,8 @@ pub fn alarm_families(ops: &Ops, snap: &mut Snapshot) {
         ),
     ] {
         if !series.is_empty() {
-            snap.families.push(SnapFamily { meta, series });
+            out.push(SnapFamily { meta, series });
         }
     }
+    out
 }
