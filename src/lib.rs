@@ -30,7 +30,7 @@
 //! let latency = reg.histogram_family(
 //!     "http_request_duration_seconds",
 //!     "Request latency.",
-//!     &shmetrics::writer::DEFAULT_BUCKETS,
+//!     &shmetrics::DEFAULT_BUCKETS,
 //!     &["method"],
 //! )?;
 //! let in_flight = reg.gauge("http_requests_in_flight", "Requests being served.", GaugeMode::LiveSum)?;
@@ -59,36 +59,72 @@
 //! A forked child that cannot create its file on a full disk writes into its parent's instead (see
 //! [`writer`]).
 //!
+//! ## Cargo features
+//!
+//! * `aggregator` (on by default): everything the aggregator needs — reading and merging the
+//!   directory, the archive, the encoders, HTTP, the monitor port, alarms — and the `shmetrics`
+//!   command, which requires it. A worker that only writes metrics depends on
+//!   `shmetrics = { version = "…", default-features = false }`: it then builds the writer alone
+//!   ([`Registry`] and its handles), without tokio, hyper, clap, procfs, flate2, toml or
+//!   tracing-subscriber. The file format is the same either way.
+//!
 //! ## The data flow, module by module
 //!
-//! [`layout`] (the on-disk format; the crate's only `unsafe`) → [`writer`] (worker side) and
-//! [`reader`] (aggregator side) → [`merge`] (job-wide view) with [`archive`] (dead workers) →
-//! [`expose`] (Prometheus text and OpenMetrics encoders) → [`serve`] (HTTP). [`dir`] holds the rules
-//! for the directory (ownership, what is cleared at start-up) and [`aggregator`] ties a scrape
-//! together.
+#![cfg_attr(
+    feature = "aggregator",
+    doc = "[`layout`] (the on-disk format; the crate's `unsafe` code is in `layout::region`) → \
+           [`writer`] (worker side) and [`reader`] (aggregator side) → [`merge`] (job-wide view) \
+           with [`archive`] (dead workers) → [`expose`] (Prometheus text and OpenMetrics \
+           encoders) → [`serve`] (HTTP). [`dir`] holds the rules for the directory (ownership, \
+           what is cleared at start-up) and [`aggregator`] ties a scrape together."
+)]
+#![cfg_attr(
+    not(feature = "aggregator"),
+    doc = "[`layout`] (the on-disk format; the crate's `unsafe` code is in `layout::region`) → \
+           [`writer`] (worker side). The aggregator's modules come with the `aggregator` feature."
+)]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-pub mod aggregator;
-pub mod alarm;
-pub mod archive;
-pub mod dir;
-pub mod error;
-pub mod expose;
+// The writer: all a worker needs, built with or without the `aggregator` feature.
+mod error;
 pub mod layout;
-pub mod merge;
-pub mod monitor;
-pub mod ops;
-pub mod perf;
-pub mod procs;
-pub mod python;
-pub mod reader;
-pub mod serve;
-pub mod slots;
-pub mod trust;
-pub mod warmup;
 pub mod writer;
+
+// The aggregator side (feature `aggregator`, on by default).
+#[cfg(feature = "aggregator")]
+pub mod aggregator;
+#[cfg(feature = "aggregator")]
+pub mod alarm;
+#[cfg(feature = "aggregator")]
+pub mod archive;
+#[cfg(feature = "aggregator")]
+pub mod dir;
+#[cfg(feature = "aggregator")]
+pub mod expose;
+#[cfg(feature = "aggregator")]
+pub mod merge;
+#[cfg(feature = "aggregator")]
+pub mod monitor;
+#[cfg(feature = "aggregator")]
+pub mod ops;
+#[cfg(feature = "aggregator")]
+pub mod perf;
+#[cfg(feature = "aggregator")]
+pub mod procs;
+#[cfg(feature = "aggregator")]
+pub mod python;
+#[cfg(feature = "aggregator")]
+pub mod reader;
+#[cfg(feature = "aggregator")]
+pub mod serve;
+#[cfg(feature = "aggregator")]
+pub mod slots;
+#[cfg(feature = "aggregator")]
+pub mod trust;
+#[cfg(feature = "aggregator")]
+pub mod warmup;
 
 pub use error::{Error, Result};
 pub use layout::GaugeMode;
-pub use writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry};
+pub use writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry, DEFAULT_BUCKETS};
