@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use shmetrics::aggregator::{Aggregator, Options};
 use shmetrics::expose::{self, Format};
-use shmetrics::layout::GaugeMode;
-use shmetrics::writer::{Registry, DEFAULT_BUCKETS};
+use shmetrics::{GaugeMode, Registry, DEFAULT_BUCKETS};
 
 const WORKERS: [u64; 3] = [4, 16, 64];
 const SERIES: [u64; 3] = [100, 1000, 10_000];

@@ -1,7 +1,7 @@
 //! Update cost of a worker's handles, side by side with prometheus-client's in-process metrics.
 //!
 //! - group `update`: cached handles — counter `inc`, gauge `set`, histogram `observe` — on a
-//!   file-backed [`shmetrics::writer::Registry`] (a real file in a temp directory, as a worker under
+//!   file-backed [`shmetrics::Registry`] (a real file in a temp directory, as a worker under
 //!   an aggregator has) against prometheus-client's `Counter::inc`, `Gauge::set`,
 //!   `Histogram::observe`. Target: shmetrics ≤ 1.2× prometheus-client.
 //! - group `labelled`: label lookup plus `inc` on a family pre-populated with 100 label sets:
@@ -19,8 +19,7 @@ use prometheus_client::metrics::family::Family as PcFamily;
 use prometheus_client::metrics::gauge::Gauge as PcGauge;
 use prometheus_client::metrics::histogram::Histogram as PcHistogram;
 use prometheus_client::registry::Registry as PcRegistry;
-use shmetrics::layout::GaugeMode;
-use shmetrics::writer::{Registry, DEFAULT_BUCKETS};
+use shmetrics::{GaugeMode, Registry, DEFAULT_BUCKETS};
 
 /// The value observed by both histograms (falls in the 0.5 bucket of the default buckets).
 const OBSERVED: f64 = 0.3;

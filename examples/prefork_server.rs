@@ -60,8 +60,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
-use shmetrics::layout::GaugeMode;
-use shmetrics::writer::{Counter, Family, Gauge, Histogram, Registry, DEFAULT_BUCKETS};
+use shmetrics::{Counter, Family, Gauge, GaugeMode, Histogram, Registry, DEFAULT_BUCKETS};
 
 /// Largest request head we read.
 const MAX_HEAD: usize = 16 * 1024;

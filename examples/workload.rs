@@ -92,8 +92,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
-use shmetrics::layout::GaugeMode;
-use shmetrics::writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry};
+use shmetrics::{Counter, CounterF64, Family, Gauge, GaugeMode, Histogram, Registry};
 
 #[derive(Parser, Debug)]
 #[command(about = "A deterministic multi-process shmetrics workload for integration tests")]

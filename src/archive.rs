@@ -5,7 +5,7 @@
 //! but perhaps not yet removed; a file whose id is listed is removed at the next pass without being
 //! folded again, so a crash between "save archive" and "remove file" never counts a worker twice.
 //! The caller removes a folded file only after an archive listing it has been saved durably
-//! ([`save`] returns only once the new archive is on disk under its name), so a full disk or a
+//! (`save` returns only once the new archive is on disk under its name), so a full disk or a
 //! crash never loses a dead worker's totals either.
 //!
 //! The archive is untrusted input like every file in the directory: it is opened without
@@ -31,7 +31,7 @@ const VERSION: u32 = 1;
 const MAX_SIZE: u64 = 1 << 30;
 
 /// Prefix of archives set aside as corrupt (`archive.json.corrupt-<unix secs>`).
-pub const CORRUPT_PREFIX: &str = "archive.json.corrupt-";
+pub(crate) const CORRUPT_PREFIX: &str = "archive.json.corrupt-";
 
 /// Totals that outlive worker files.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -162,7 +162,7 @@ fn desc_of(f: &Family) -> Option<MetricDesc> {
 
 /// What a loaded archive contained besides the merged values.
 #[derive(Debug, Default)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// Totals.
     pub totals: Totals,
     /// Hex ids of files already folded.
@@ -175,7 +175,7 @@ pub struct Loaded {
 /// a regular file of ours, unparsable, another version, larger than 1 GiB) is set aside (see the
 /// module docs) and reported in [`Loaded::set_aside`]; only an archive that cannot even be opened
 /// or moved (permissions) is an error.
-pub fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loaded> {
+pub(crate) fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loaded> {
     let path = dir.join(crate::dir::ARCHIVE_FILE);
     let file = match read(&path, trust) {
         Ok(Some(f)) => f,
@@ -191,7 +191,7 @@ pub fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loaded> {
 
 /// [`load`] for an aggregator that changes nothing in the directory (`shmetrics dump`): an unusable
 /// archive is only reported in the log, and read as empty.
-pub fn load_read_only(dir: &Path, trust: &Trust, merger: &mut Merger) -> Loaded {
+pub(crate) fn load_read_only(dir: &Path, trust: &Trust, merger: &mut Merger) -> Loaded {
     let path = dir.join(crate::dir::ARCHIVE_FILE);
     match read(&path, trust) {
         Ok(Some(file)) if file.version == VERSION => fill(file, merger),
@@ -236,7 +236,7 @@ fn read(path: &Path, trust: &Trust) -> std::result::Result<Option<File>, String>
 }
 
 /// Whether an open file is a usable archive (it parses and has our version).
-pub fn parses(file: std::fs::File, meta: &std::fs::Metadata) -> bool {
+pub(crate) fn parses(file: std::fs::File, meta: &std::fs::Metadata) -> bool {
     let mut bytes = Vec::new();
     meta.len() <= MAX_SIZE
         && file.take(MAX_SIZE + 1).read_to_end(&mut bytes).is_ok()
@@ -251,7 +251,7 @@ fn set_aside(dir: &Path, path: &Path, why: String) -> Result<Loaded> {
 
 /// Writes the archive durably: when this returns `Ok`, the new archive is on disk under its name
 /// (temporary file, fsync, rename, directory fsync; see [`crate::trust::replace`]).
-pub fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[String]) -> Result<()> {
+pub(crate) fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[String]) -> Result<()> {
     let mut families: Vec<Family> = Vec::new();
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (desc, labels, value) in merger.archived() {

@@ -30,7 +30,7 @@ pub enum Format {
 
 impl Format {
     /// The `Content-Type` of this format.
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
             Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -39,7 +39,7 @@ impl Format {
 
     /// Picks the format from an HTTP `Accept` header: OpenMetrics when it is asked for (and not
     /// with q=0), Prometheus text otherwise.
-    pub fn from_accept(accept: Option<&str>) -> Format {
+    pub(crate) fn from_accept(accept: Option<&str>) -> Format {
         let Some(accept) = accept else { return Format::Prometheus };
         for part in accept.split(',') {
             let mut params = part.split(';').map(str::trim);

@@ -183,10 +183,8 @@ impl Job {
                     let me = Arc::clone(self);
                     tokio::spawn(async move {
                         let job = Arc::clone(&me);
-                        let merged = tokio::task::spawn_blocking(move || job.merge())
-                        .await
-                        .ok()
-                        .map(Arc::new);
+                        let merged =
+                            tokio::task::spawn_blocking(move || job.merge()).await.ok().map(Arc::new);
                         // Cleared first: a scrape arriving after this starts a fresh merge.
                         *lock(&me.flight) = None;
                         tx.send_replace(Some(merged));
@@ -218,9 +216,7 @@ impl Job {
             a.workers().iter().map(|w| w.pid).chain(python)
         };
         let newcomer = || last.as_ref().is_some_and(|(_, pids)| writers().any(|p| !pids.contains(&p)));
-        let want = asked
-            || since.is_none_or(|d| d >= PROCS_INTERVAL)
-            || newcomer();
+        let want = asked || since.is_none_or(|d| d >= PROCS_INTERVAL) || newcomer();
         if want {
             *last = Some((Instant::now(), writers().collect()));
         }

@@ -30,7 +30,7 @@
 //! let latency = reg.histogram_family(
 //!     "http_request_duration_seconds",
 //!     "Request latency.",
-//!     &shmetrics::writer::DEFAULT_BUCKETS,
+//!     &shmetrics::DEFAULT_BUCKETS,
 //!     &["method"],
 //! )?;
 //! let in_flight = reg.gauge("http_requests_in_flight", "Requests being served.", GaugeMode::LiveSum)?;
@@ -59,36 +59,71 @@
 //! A forked child that cannot create its file on a full disk writes into its parent's instead (see
 //! [`writer`]).
 //!
+//! ## Cargo features
+//!
+//! * `aggregator` (on by default): everything the aggregator needs — reading and merging the
+//!   directory, the archive, the encoders, HTTP, the monitor port, alarms — and the `shmetrics`
+//!   command, which requires it. A worker that only writes metrics depends on
+//!   `shmetrics = { version = "…", default-features = false }`: it then builds the writer alone
+//!   ([`Registry`] and its handles), without tokio, hyper, clap, procfs, flate2, toml or
+//!   tracing-subscriber. The file format is the same either way.
+//!
 //! ## The data flow, module by module
 //!
-//! [`layout`] (the on-disk format; the crate's only `unsafe`) → [`writer`] (worker side) and
-//! [`reader`] (aggregator side) → [`merge`] (job-wide view) with [`archive`] (dead workers) →
-//! [`aggregator`] (one directory, followed; [`dir`] holds its rules) → [`job`] (owns the
-//! aggregator and the only upkeep task, publishes views and exits, shares merges among scrapes)
-//! → [`health`], [`report`] and [`alarm`] (pure functions and consumers of views) → [`server`]
-//! (HTTP and the monitor port). [`expose`] encodes snapshots (Prometheus text, OpenMetrics).
-//! Nothing imports a module to its right.
+#![cfg_attr(
+    feature = "aggregator",
+    doc = "[`layout`] (the on-disk format; the crate's `unsafe` code is in `layout::region`) → \
+           [`writer`] (worker side) and [`reader`] (aggregator side) → [`merge`] (job-wide view) \
+           with [`archive`] (dead workers) → [`aggregator`] (one directory, followed; [`dir`] \
+           holds its rules) → [`job`] (owns the aggregator and the only upkeep task, publishes \
+           views and exits, shares one merge among concurrent scrapes) → [`health`], [`report`] \
+           and [`alarm`] (pure functions and consumers of views) → [`server`] (HTTP and the \
+           monitor port). [`expose`] encodes snapshots (Prometheus text, OpenMetrics). Nothing \
+           imports a module to its right."
+)]
+#![cfg_attr(
+    not(feature = "aggregator"),
+    doc = "[`layout`] (the on-disk format; the crate's `unsafe` code is in `layout::region`) → \
+           [`writer`] (worker side). The aggregator's modules come with the `aggregator` feature."
+)]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-pub mod aggregator;
-pub mod alarm;
-pub mod archive;
-pub mod dir;
-pub mod error;
-pub mod expose;
-pub mod health;
-pub mod job;
+// The writer: all a worker needs, built with or without the `aggregator` feature.
+mod error;
 pub mod layout;
-pub mod merge;
-pub mod procs;
-pub mod python;
-pub mod reader;
-pub mod report;
-pub mod server;
-pub mod trust;
 pub mod writer;
+
+// The aggregator side (feature `aggregator`, on by default), in the order data flows.
+#[cfg(feature = "aggregator")]
+pub mod aggregator;
+#[cfg(feature = "aggregator")]
+pub mod alarm;
+#[cfg(feature = "aggregator")]
+pub mod archive;
+#[cfg(feature = "aggregator")]
+pub mod dir;
+#[cfg(feature = "aggregator")]
+pub mod expose;
+#[cfg(feature = "aggregator")]
+pub mod health;
+#[cfg(feature = "aggregator")]
+pub mod job;
+#[cfg(feature = "aggregator")]
+pub mod merge;
+#[cfg(feature = "aggregator")]
+pub mod procs;
+#[cfg(feature = "aggregator")]
+pub mod python;
+#[cfg(feature = "aggregator")]
+pub mod reader;
+#[cfg(feature = "aggregator")]
+pub mod report;
+#[cfg(feature = "aggregator")]
+pub mod server;
+#[cfg(feature = "aggregator")]
+pub mod trust;
 
 pub use error::{Error, Result};
 pub use layout::GaugeMode;
-pub use writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry};
+pub use writer::{Counter, CounterF64, Family, Gauge, Histogram, Registry, DEFAULT_BUCKETS};

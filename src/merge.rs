@@ -1,6 +1,6 @@
 //! Merging many processes' series into one job-wide view.
 //!
-//! The [`Merger`] keeps a table of merged families and series that lives across scrapes: a source
+//! The `Merger` keeps a table of merged families and series that lives across scrapes: a source
 //! (a worker file, or the archive of dead workers) maps each of its series to a merged series index
 //! once, and every later scrape just combines values by index. Label text is rendered and escaped
 //! once, when a merged series is created, so the encoders only copy it.
@@ -41,7 +41,7 @@ pub struct LabelSet {
 
 impl LabelSet {
     /// A label set rendered from its pairs.
-    pub fn new(pairs: Vec<(String, String)>) -> LabelSet {
+    pub(crate) fn new(pairs: Vec<(String, String)>) -> LabelSet {
         let text = render_labels(&pairs);
         LabelSet { pairs, text, bounds: Vec::new() }
     }
@@ -82,7 +82,7 @@ pub enum Value {
 
 /// How a family combines contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
+pub(crate) enum Rule {
     /// Sum integers.
     AddU64,
     /// Sum floats.
@@ -103,7 +103,7 @@ pub enum Rule {
 
 impl Rule {
     /// The rule for a description.
-    pub fn of(d: &MetricDesc) -> Rule {
+    pub(crate) fn of(d: &MetricDesc) -> Rule {
         match (d.metric_type, d.value_type, d.gauge_mode.map(GaugeMode::base)) {
             (MetricType::Counter, ValueType::U64, _) => Rule::AddU64,
             (MetricType::Counter, ValueType::F64, _) => Rule::AddF64,
@@ -120,13 +120,13 @@ impl Rule {
 
 impl Value {
     /// Whether the value is [`Value::Unset`].
-    pub fn is_unset(&self) -> bool {
+    pub(crate) fn is_unset(&self) -> bool {
         matches!(self, Value::Unset)
     }
 
     /// Combines raw slots (as a writer laid them out) into this accumulator.
     #[inline]
-    pub fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) {
+    pub(crate) fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) {
         let word = |i: usize| slots.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
         let f = |i: usize| f64::from_bits(word(i));
         // The hot cases add in place; the rest go through `combine`.
@@ -165,7 +165,7 @@ impl Value {
     }
 
     /// Combines another value into this accumulator.
-    pub fn combine(&mut self, rule: Rule, other: &Value) {
+    pub(crate) fn combine(&mut self, rule: Rule, other: &Value) {
         if other.is_unset() {
             return;
         }
@@ -203,7 +203,7 @@ impl Value {
 
 /// Which part of a merged value one Python prometheus_client entry holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
+pub(crate) enum Part {
     /// The whole value of a counter or gauge (combined by the family's rule).
     Value,
     /// A most-recent gauge's value, with its timestamp.
@@ -222,7 +222,7 @@ impl Value {
     /// Combines one Python entry (value, timestamp in seconds) into this accumulator. `buckets` is
     /// the family's number of finite bucket bounds.
     #[inline]
-    pub fn apply(&mut self, rule: Rule, part: Part, v: f64, ts: f64, buckets: usize) {
+    pub(crate) fn apply(&mut self, rule: Rule, part: Part, v: f64, ts: f64, buckets: usize) {
         match part {
             Part::Value => match (rule, &mut *self) {
                 (Rule::AddF64, Value::F64(a)) => *a += v,
@@ -304,13 +304,13 @@ impl Snapshot {
     }
 
     /// Finds a family by name (counters without `_total`).
-    pub fn family(&self, name: &str) -> Option<&SnapFamily> {
+    pub(crate) fn family(&self, name: &str) -> Option<&SnapFamily> {
         self.families.iter().find(|f| f.meta.desc.name == name)
     }
 }
 
 /// Escapes a label value for the Prometheus text formats (`\\`, `\"`, `\n`).
-pub fn escape_label_value(v: &str, out: &mut String) {
+pub(crate) fn escape_label_value(v: &str, out: &mut String) {
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -337,7 +337,7 @@ fn render_labels(pairs: &[(String, String)]) -> String {
 
 /// The merged table, plus the archive of dead processes' values.
 #[derive(Debug, Default)]
-pub struct Merger {
+pub(crate) struct Merger {
     families: Vec<MFamily>,
     by_name: HashMap<String, u32>,
     series: Vec<MSeries>,
@@ -352,13 +352,13 @@ pub struct Merger {
 
 impl Merger {
     /// An empty merger.
-    pub fn new() -> Merger {
+    pub(crate) fn new() -> Merger {
         Merger::default()
     }
 
     /// The merged family for `desc`, created on first sight; `None` if the name is taken by a
     /// different description (a conflict the caller counts).
-    pub fn family_for(&mut self, desc: &MetricDesc) -> Option<u32> {
+    pub(crate) fn family_for(&mut self, desc: &MetricDesc) -> Option<u32> {
         if let Some(&i) = self.by_name.get(&desc.name) {
             let existing = &self.families[i as usize].meta.desc;
             // A family is its name, type and merge mode. Help, label names and buckets may differ
@@ -388,7 +388,7 @@ impl Merger {
 
     /// The merged series of family `fam` with these labels (`pid` included for per-process
     /// gauges), created on first sight.
-    pub fn series_for(&mut self, fam: u32, pairs: Vec<(String, String)>) -> u32 {
+    pub(crate) fn series_for(&mut self, fam: u32, pairs: Vec<(String, String)>) -> u32 {
         let key = (fam, pairs);
         if let Some(&i) = self.by_key.get(&key) {
             return i;
@@ -402,14 +402,14 @@ impl Merger {
     }
 
     /// The bucket bounds of histogram series `idx`.
-    pub fn bounds(&self, idx: u32) -> &[f64] {
+    pub(crate) fn bounds(&self, idx: u32) -> &[f64] {
         &self.series[idx as usize].labels.bounds
     }
 
     /// Widens the bucket bounds of series `idx` to include `les` (the union, as prometheus_client
     /// merges buckets by `le`); archived values are re-indexed. Returns whether anything changed,
     /// in which case [`Merger::epoch`] moved and bucket indices held by callers are stale.
-    pub fn widen(&mut self, idx: u32, les: &[f64]) -> bool {
+    pub(crate) fn widen(&mut self, idx: u32, les: &[f64]) -> bool {
         let Some(series) = self.series.get_mut(idx as usize) else { return false };
         let old = &series.labels.bounds;
         if les.iter().all(|b| old.contains(b)) {
@@ -440,50 +440,41 @@ impl Merger {
     }
 
     /// Changes whenever bucket bounds widen.
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// The combine rule of the family of series `idx`.
     #[inline]
-    pub fn rule(&self, idx: u32) -> Rule {
+    pub(crate) fn rule(&self, idx: u32) -> Rule {
         self.families[self.series[idx as usize].family as usize].rule
     }
 
     /// Whether the family of series `idx` is a live-mode gauge (dead processes' values dropped).
-    pub fn family_is_live(&self, idx: u32) -> bool {
+    pub(crate) fn family_is_live(&self, idx: u32) -> bool {
         let fam = &self.families[self.series[idx as usize].family as usize];
         fam.meta.desc.gauge_mode.is_some_and(GaugeMode::is_live)
     }
 
-    /// The description of family `fam`.
-    pub fn family_desc(&self, fam: u32) -> &MetricDesc {
-        &self.families[fam as usize].meta.desc
-    }
-
     /// Number of merged series in the table.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.series.len()
     }
 
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.series.is_empty()
-    }
-
     /// Starts a scrape: fills `accs` with the archived values (one per merged series).
-    pub fn begin(&self, accs: &mut Vec<Value>) {
+    pub(crate) fn begin(&self, accs: &mut Vec<Value>) {
         accs.clone_from(&self.archive);
     }
 
     /// Number of finite bucket bounds of series `idx`.
     #[inline]
-    pub fn buckets(&self, idx: u32) -> usize {
+    pub(crate) fn buckets(&self, idx: u32) -> usize {
         self.series[idx as usize].labels.bounds.len()
     }
 
     /// Folds one entry of a dead Python process into the archive.
-    pub fn archive_apply(&mut self, idx: u32, part: Part, v: f64, ts: f64) {
+    pub(crate) fn archive_apply(&mut self, idx: u32, part: Part, v: f64, ts: f64) {
         let (rule, n) = (self.rule(idx), self.buckets(idx));
         if let Some(a) = self.archive.get_mut(idx as usize) {
             a.apply(rule, part, v, ts, n);
@@ -491,7 +482,7 @@ impl Merger {
     }
 
     /// Folds a dead process's final slots into the archive.
-    pub fn archive_slots(&mut self, idx: u32, slots: &[AtomicU64]) {
+    pub(crate) fn archive_slots(&mut self, idx: u32, slots: &[AtomicU64]) {
         let rule = self.rule(idx);
         if let Some(a) = self.archive.get_mut(idx as usize) {
             a.add_slots(rule, slots);
@@ -499,7 +490,7 @@ impl Merger {
     }
 
     /// Adds a value to the archive (loading a persisted archive).
-    pub fn archive_value(&mut self, idx: u32, v: &Value) {
+    pub(crate) fn archive_value(&mut self, idx: u32, v: &Value) {
         let rule = self.rule(idx);
         if let Some(a) = self.archive.get_mut(idx as usize) {
             a.combine(rule, v);
@@ -507,7 +498,7 @@ impl Merger {
     }
 
     /// The archived series: (family description, labels and bounds, value), for persistence.
-    pub fn archived(&self) -> impl Iterator<Item = (&MetricDesc, &LabelSet, &Value)> {
+    pub(crate) fn archived(&self) -> impl Iterator<Item = (&MetricDesc, &LabelSet, &Value)> {
         self.series
             .iter()
             .zip(&self.archive)
@@ -518,7 +509,7 @@ impl Merger {
     /// Moves the archive into a fresh table, dropping every merged series no source maps to any
     /// more. The caller re-maps its live sources afterwards. Bounds memory under worker churn with
     /// per-process series.
-    pub fn rebuilt(&self) -> Merger {
+    pub(crate) fn rebuilt(&self) -> Merger {
         let mut m = Merger::new();
         for (desc, labels, v) in self.archived() {
             if let Some(fam) = m.family_for(desc) {
@@ -531,7 +522,7 @@ impl Merger {
     }
 
     /// Builds the snapshot from this scrape's accumulators (consumed).
-    pub fn snapshot(&self, mut accs: Vec<Value>) -> Snapshot {
+    pub(crate) fn snapshot(&self, mut accs: Vec<Value>) -> Snapshot {
         let mut families = Vec::with_capacity(self.order.len());
         for &fi in &self.order {
             let f = &self.families[fi as usize];

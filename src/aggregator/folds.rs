@@ -189,7 +189,11 @@ impl Folds {
         }
         for id in gone {
             self.pending.remove(&id);
-            self.saved.remove(&id);
+            // The archive on disk still lists it: the next save writes the shorter list (else it
+            // would wait for an unrelated change, and a restart after a crash keeps it long).
+            if self.saved.remove(&id) {
+                self.stale_list = true;
+            }
         }
     }
 }
@@ -238,7 +242,9 @@ mod tests {
     fn the_persisted_list_is_pruned_to_present_files() {
         let mut f = Folds::loaded(vec!["aa".into(), "bb".into(), "py:counter_1.db:7".into()]);
         let present: HashSet<&str> = ["w-3-bb.shm", ".compact-counter_1.db"].into_iter().collect();
+        assert!(!f.stale_list);
         f.prune(&present);
         assert_eq!(f.pending(), vec!["bb".to_string(), "py:counter_1.db:7".to_string()]);
+        assert!(f.stale_list, "the archive on disk lists aa: the next save shortens it");
     }
 }

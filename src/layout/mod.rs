@@ -1,7 +1,8 @@
 //! The on-disk format of a shmetrics file, version 1 — the code form of `shm-layout.md`.
 //!
 //! Every other module goes through this one to touch a mapping, so the format lives in one place and
-//! the crate's `unsafe` lives in one file ([`region`]). Writers and readers in other languages work
+//! the crate's `unsafe` code lives in one file ([`region`]; the writer's store calls its `unsafe fn`s
+//! and says at each call why their contracts hold). Writers and readers in other languages work
 //! from `shm-layout.md`; the constants below are named after its fields, and the tests in
 //! `tests/it/layout_doc.rs` check the worked example of that document byte for byte.
 //!
@@ -217,7 +218,7 @@ impl GaugeMode {
         )
     }
     /// The same merge without the liveness rule (`LiveSum` → `Sum`, …).
-    pub fn base(self) -> GaugeMode {
+    pub(crate) fn base(self) -> GaugeMode {
         match self {
             GaugeMode::LiveSum => GaugeMode::Sum,
             GaugeMode::LiveMax => GaugeMode::Max,
@@ -232,7 +233,7 @@ impl GaugeMode {
         self.base() == GaugeMode::MostRecent
     }
     /// Whether merged series get a `pid` label.
-    pub fn per_process(self) -> bool {
+    pub(crate) fn per_process(self) -> bool {
         self.base() == GaugeMode::All
     }
 }
@@ -261,7 +262,7 @@ impl MetricDesc {
     ///
     /// Counter: 1. Gauge: 1, or 2 (value, then timestamp in unix ns) for the most-recent modes.
     /// Histogram: one non-cumulative count per bucket including `+Inf`, then the f64 sum.
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         match self.metric_type {
             MetricType::Counter => 1,
             MetricType::Gauge => {
@@ -278,14 +279,14 @@ impl MetricDesc {
 }
 
 /// Checks a metric name against Prometheus' rules (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
-pub fn valid_metric_name(name: &str) -> bool {
+pub(crate) fn valid_metric_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
 /// Checks a label name against Prometheus' rules (`[a-zA-Z_][a-zA-Z0-9_]*`, not starting `__`).
-pub fn valid_label_name(name: &str) -> bool {
+pub(crate) fn valid_label_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -293,7 +294,7 @@ pub fn valid_label_name(name: &str) -> bool {
 }
 
 /// Rounds `n` up to a multiple of 8.
-pub fn align8(n: usize) -> usize {
+pub(crate) fn align8(n: usize) -> usize {
     (n + 7) & !7
 }
 
@@ -315,7 +316,7 @@ fn finish_record(mut out: Vec<u8>) -> Vec<u8> {
 }
 
 /// Encodes a METRIC record with the given id.
-pub fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
+pub(crate) fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + d.name.len() + d.help.len());
     out.extend_from_slice(&0u32.to_le_bytes()); // len, patched by finish_record
     out.extend_from_slice(&kind::METRIC.to_le_bytes());
@@ -347,7 +348,7 @@ pub fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
 /// Encodes a SERIES record of metric `metric_id` with `slots` zeroed value slots.
 ///
 /// Returns the record and the offset of its first slot relative to the record start.
-pub fn encode_series(metric_id: u32, label_values: &[&str], slots: usize) -> (Vec<u8>, usize) {
+pub(crate) fn encode_series(metric_id: u32, label_values: &[&str], slots: usize) -> (Vec<u8>, usize) {
     let strings: usize = label_values.iter().map(|v| 4 + v.len()).sum();
     let slots_offset = align8(SERIES_FIXED + strings);
     let mut out = Vec::with_capacity(slots_offset + 8 * slots);
@@ -524,7 +525,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
 }
 
 /// Checks the invariants of a metric description (names, label names, buckets, mode).
-pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
+pub(crate) fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
     if !valid_metric_name(&d.name) || d.name.len() > MAX_STRING {
         return Err(Error::InvalidName(d.name.clone()));
     }
@@ -573,33 +574,8 @@ pub fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
     Ok(())
 }
 
-/// The parsed fixed part of a file header.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// End of the published log.
-    pub used: u64,
-    /// State flags.
-    pub flags: u64,
-    /// Writer pid.
-    pub pid: u64,
-    /// Creation time, unix ns.
-    pub start_time_ns: u64,
-    /// Random file id.
-    pub file_id: [u8; 16],
-    /// Series the writer could not register.
-    pub dropped_series: u64,
-    /// Updates the writer dropped.
-    pub dropped_updates: u64,
-    /// Address space reserved by the writer.
-    pub reserve: u64,
-    /// Pid of the forking parent, or 0.
-    pub parent_pid: u64,
-    /// Forked children that write into this file because they could not create their own.
-    pub shared_forks: u64,
-}
-
 /// Builds the bytes of a fresh header (`used` = [`HEADER_SIZE`], flags clear).
-pub fn encode_header(
+pub(crate) fn encode_header(
     pid: u64,
     parent_pid: u64,
     start_time_ns: u64,
@@ -645,7 +621,7 @@ pub fn file_id_hex(id: &[u8; 16]) -> String {
 }
 
 /// Name of a writer's file: `w-<pid>-<file id hex>.shm`.
-pub fn file_name(pid: u64, file_id: &[u8; 16]) -> String {
+pub(crate) fn file_name(pid: u64, file_id: &[u8; 16]) -> String {
     format!("w-{pid}-{}.shm", file_id_hex(file_id))
 }
 

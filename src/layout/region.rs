@@ -1,26 +1,37 @@
-//! Memory mappings of shmetrics files, and the process hooks they need. The crate's only `unsafe`.
+//! Memory mappings of shmetrics files, and the process hooks they need. The crate's `unsafe` code.
 //!
 //! Why it is built this way:
 //! - A writer maps a large *reserve* of address space once over a small file that grows in place, so
 //!   the address of every value slot stays fixed for the life of the process: handles are plain
 //!   pointers and never need to be re-resolved (no lock, no remap check on the hot path).
-//! - After `fork` the child must stop writing to its parent's file. [`Region::remap_fixed`] puts the
+//! - After `fork` the child must stop writing to its parent's file. `Region::remap_fixed` puts the
 //!   child's own file at the *same* address (`MAP_FIXED`), so every handle the application cached
 //!   before the fork silently starts writing to the child's file.
 //! - A reader maps files read-only and loads slots with atomic loads, so a value is never torn. A
-//!   file that someone truncates while it is being read would normally raise SIGBUS; [`guarded`]
+//!   file that someone truncates while it is being read would normally raise SIGBUS; `guarded`
 //!   turns that into "this file is bad" for the one read in progress.
+//!
+//! Only [`Region`] itself is public (readers pass `&Region` around); its methods and the functions
+//! here are for this crate. Everything is safe to call except what only the writer may do, whose
+//! contracts the type system cannot check: `Region::write_bytes` (a plain copy into shared memory),
+//! `Region::remap_fixed` (moving the mapping under live handles) and `register_fork_handlers` (code
+//! run in a fork child). Those are `unsafe fn`s with a `# Safety` section; their one caller, the
+//! writer's store (`writer/store.rs`), says at each call why the contract holds. The SIGBUS guard
+//! exists only with the `aggregator` feature: a writer never reads a file it does not own.
 
 #![allow(unsafe_code)] // The one module allowed to: see the module docs.
 
+#[cfg(feature = "aggregator")]
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
+#[cfg(feature = "aggregator")]
 use std::sync::Once;
 
 /// Size of a page on every platform we map on; used to align SIGBUS repairs.
+#[cfg(feature = "aggregator")] // The SIGBUS guard is for readers, i.e. the aggregator.
 const PAGE: usize = 4096;
 
 /// A fixed range of address space mapped from a file or anonymous memory, unmapped on drop.
@@ -49,7 +60,7 @@ impl Region {
     ///
     /// `len` may exceed the file's size: only the part inside the file may be touched, which the
     /// writer guarantees by growing the file before it writes past its end.
-    pub fn map_file(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Region> {
+    pub(crate) fn map_file(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Region> {
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: a fresh mapping at an address the kernel chooses aliases no Rust object; the fd
         // is valid for the duration of the call (BorrowedFd).
@@ -67,7 +78,7 @@ impl Region {
     }
 
     /// Maps `len` bytes of private anonymous memory (a writer without a directory).
-    pub fn anonymous(len: usize) -> io::Result<Region> {
+    pub(crate) fn anonymous(len: usize) -> io::Result<Region> {
         // SAFETY: as in `map_file`, a fresh mapping aliases nothing.
         let ret = unsafe {
             libc::mmap(
@@ -85,15 +96,35 @@ impl Region {
     /// Replaces the whole mapping, at the same address, with `fd` (read-write, shared), or with
     /// anonymous memory when `fd` is `None`. Used by a forked child to move onto its own file.
     ///
-    /// The caller must have copied whatever it needs out of the old mapping first.
-    pub fn remap_fixed(&self, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    /// On success every atomic handed out by [`Region::atomic`] and [`Region::atomics`] stays valid
+    /// and now reads and writes the new backing.
+    ///
+    /// # Safety
+    ///
+    /// The caller must ensure that:
+    ///
+    /// - no other thread accesses the region during the call, and nothing but atomics obtained from
+    ///   this region points into it (in a fork child, where only the calling thread exists, this
+    ///   holds by construction);
+    /// - `fd`, if given, is open for reading and writing and its file is at least as long as every
+    ///   part of the region that will be touched afterwards;
+    /// - if the call fails, the range is not touched again (through atomics or anything else) until
+    ///   a later call succeeds, because a failed `MAP_FIXED` may already have unmapped it: the
+    ///   kernel may then place an unrelated mapping there, and a write through a live atomic would
+    ///   corrupt it. For the same reason a later call after a failure is sound only if nothing can
+    ///   have been mapped into the range in between (it would be replaced).
+    ///
+    /// It is the caller's business, not a safety matter, to copy whatever it still needs out of the
+    /// old mapping first.
+    pub(crate) unsafe fn remap_fixed(&self, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let (flags, raw) = match fd {
             Some(fd) => (libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED, fd.as_raw_fd()),
             None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED, -1),
         };
         // SAFETY: MAP_FIXED replaces exactly the range this Region owns, atomically; no other
         // Rust object lives in it, and all references into it are to atomics (whose addresses stay
-        // valid, now backed by the new file) or to the Region itself.
+        // valid, now backed by the new file) or to the Region itself. The caller guarantees that
+        // nobody accesses the range concurrently, and that it is not touched after a failure.
         let ret = unsafe {
             libc::mmap(self.base.as_ptr().cast(), self.len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0)
         };
@@ -104,19 +135,9 @@ impl Region {
         Ok(())
     }
 
-    /// Bytes of address space mapped.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never: mappings are at least one byte).
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// The 8-byte atomic at byte offset `off`, or `None` if it is not 8-aligned inside the mapping.
     #[inline]
-    pub fn atomic(&self, off: u64) -> Option<&AtomicU64> {
+    pub(crate) fn atomic(&self, off: u64) -> Option<&AtomicU64> {
         let off = usize::try_from(off).ok()?;
         if off % 8 != 0 || off.checked_add(8)? > self.len {
             return None;
@@ -130,7 +151,7 @@ impl Region {
     /// The `n` consecutive 8-byte atomics starting at byte offset `off`, with the same checks as
     /// [`Region::atomic`].
     #[inline]
-    pub fn atomics(&self, off: u64, n: usize) -> Option<&[AtomicU64]> {
+    pub(crate) fn atomics(&self, off: u64, n: usize) -> Option<&[AtomicU64]> {
         let off = usize::try_from(off).ok()?;
         if off % 8 != 0 || off.checked_add(n.checked_mul(8)?)? > self.len {
             return None;
@@ -139,17 +160,29 @@ impl Region {
         Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(off).cast::<AtomicU64>(), n) })
     }
 
-    /// Copies `bytes` into the mapping at `off`.
+    /// Copies `bytes` into the mapping at `off`: a plain, non-atomic copy.
     ///
-    /// Only for a writer filling a record past `used`, under its registration lock: no reader reads
-    /// that range before the release store of `used`, and no other writer shares the file.
-    pub fn write_bytes(&self, off: u64, bytes: &[u8]) -> io::Result<()> {
+    /// Returns an error, and writes nothing, if the range does not lie inside the mapping.
+    ///
+    /// # Safety
+    ///
+    /// Nobody may access `off..off + bytes.len()` while the copy runs: no other thread of this
+    /// process (through this region, an atomic obtained from it, or another mapping of the same
+    /// file), and no other process that maps the file. For a writer that means: the range lies past
+    /// the published end of the log (`used`), the copy happens under the registration lock, and no
+    /// other writer appends to the file; readers look past `used` only after its release store,
+    /// which comes after the copy. In private memory that no other thread can reach (freshly
+    /// mapped, or in a fork child, which has a single thread) any range qualifies.
+    ///
+    /// The range must also lie inside the part of the mapping that the backing file covers, or the
+    /// write raises `SIGBUS`.
+    pub(crate) unsafe fn write_bytes(&self, off: u64, bytes: &[u8]) -> io::Result<()> {
         let off = usize::try_from(off).map_err(io::Error::other)?;
         if off.checked_add(bytes.len()).is_none_or(|e| e > self.len) {
             return Err(io::Error::other("write past the end of the mapping"));
         }
-        // SAFETY: bounds checked above; source is a distinct Rust slice so they do not overlap; see
-        // the doc comment for why no one else accesses the destination concurrently.
+        // SAFETY: bounds checked above; source is a distinct Rust slice so they do not overlap; the
+        // caller guarantees that no one else accesses the destination concurrently.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(off), bytes.len()) };
         Ok(())
     }
@@ -158,7 +191,7 @@ impl Region {
     ///
     /// The copy may race with atomic slot updates of other processes; callers treat it as untrusted
     /// input and read values only through [`Region::atomic`].
-    pub fn copy_out(&self, off: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    pub(crate) fn copy_out(&self, off: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
         let off = usize::try_from(off).map_err(io::Error::other)?;
         if off.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(io::Error::other("read past the end of the mapping"));
@@ -175,6 +208,7 @@ impl Region {
         Ok(())
     }
 
+    #[cfg(feature = "aggregator")]
     fn range(&self) -> (usize, usize) {
         let start = self.base.as_ptr() as usize;
         (start, start + self.len)
@@ -188,6 +222,7 @@ impl Drop for Region {
     }
 }
 
+#[cfg(feature = "aggregator")]
 thread_local! {
     /// The mapping the current thread is reading under [`guarded`], as (start, end).
     static GUARDED: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
@@ -195,8 +230,10 @@ thread_local! {
     static FAULTED: Cell<bool> = const { Cell::new(false) };
 }
 
+#[cfg(feature = "aggregator")]
 static SIGBUS_ONCE: Once = Once::new();
 
+#[cfg(feature = "aggregator")]
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
@@ -228,7 +265,8 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// Runs `f`, which reads `region`; returns its result and whether the file backing the region
 /// vanished under it (truncated by someone) during the read. After `true` the region holds zero
 /// pages and must be dropped.
-pub fn guarded<R>(region: &Region, f: impl FnOnce() -> R) -> (R, bool) {
+#[cfg(feature = "aggregator")]
+pub(crate) fn guarded<R>(region: &Region, f: impl FnOnce() -> R) -> (R, bool) {
     SIGBUS_ONCE.call_once(|| {
         // SAFETY: installing a handler with a zeroed, then filled, sigaction is the documented use;
         // the handler only touches thread-locals without destructors and calls mmap/signal.
@@ -247,13 +285,25 @@ pub fn guarded<R>(region: &Region, f: impl FnOnce() -> R) -> (R, bool) {
     (r, FAULTED.with(Cell::get))
 }
 
-/// Registers process-wide fork handlers once (`pthread_atfork`).
-pub fn register_fork_handlers(
+/// Registers process-wide fork handlers (`pthread_atfork`).
+///
+/// # Safety
+///
+/// `prepare` runs in the forking thread just before `fork`, `parent` in the parent and `child` in
+/// the child just after it. The child of a multi-threaded process has only the forking thread, and
+/// POSIX allows it nothing but async-signal-safe functions until it calls `exec` (as for
+/// `std::os::unix::process::CommandExt::pre_exec`). The caller must ensure that `child` does only
+/// what is sound there: in particular, it must not take a lock that another thread may have held
+/// at the moment of the fork (stderr's, a logger's, any mutex of its own) unless `prepare` took
+/// that same lock and so guarantees it is free, and it may allocate only because the C library
+/// makes its allocator usable in a fork child (glibc and musl do). The handlers must not unwind.
+pub(crate) unsafe fn register_fork_handlers(
     prepare: extern "C" fn(),
     parent: extern "C" fn(),
     child: extern "C" fn(),
 ) -> io::Result<()> {
-    // SAFETY: the handlers are plain `extern "C"` functions with static lifetime.
+    // SAFETY: the handlers are plain `extern "C"` functions with static lifetime; what they may do
+    // after the fork is the caller's obligation (see above).
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
@@ -262,7 +312,7 @@ pub fn register_fork_handlers(
 }
 
 /// Registers a handler run by `exit(3)` (normal process exit, including return from `main`).
-pub fn register_exit_handler(f: extern "C" fn()) -> io::Result<()> {
+pub(crate) fn register_exit_handler(f: extern "C" fn()) -> io::Result<()> {
     // SAFETY: `f` is a static `extern "C"` function.
     if unsafe { libc::atexit(f) } != 0 {
         return Err(io::Error::other("atexit failed"));
@@ -271,7 +321,7 @@ pub fn register_exit_handler(f: extern "C" fn()) -> io::Result<()> {
 }
 
 /// 16 random bytes from the kernel, without allocating (safe to call in a fork child).
-pub fn random_id() -> [u8; 16] {
+pub(crate) fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     // SAFETY: getrandom writes at most `id.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
@@ -300,10 +350,14 @@ mod tests {
         let mut v = Vec::new();
         r.copy_out(8, 8, &mut v).unwrap();
         assert_eq!(v, 42u64.to_le_bytes());
-        assert!(r.write_bytes(4095, &[1, 2]).is_err());
+        // SAFETY (both calls): the region is private to this test and nothing else touches it.
+        assert!(unsafe { r.write_bytes(4095, &[1, 2]) }.is_err());
+        assert!(unsafe { r.write_bytes(16, &7u64.to_le_bytes()) }.is_ok());
+        assert_eq!(r.atomic(16).unwrap().load(Ordering::Relaxed), 7);
     }
 
     #[test]
+    #[cfg(feature = "aggregator")]
     fn guarded_read_survives_truncation() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(3 * 4096).unwrap();

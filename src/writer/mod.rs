@@ -29,7 +29,7 @@ use store::{Store, StoreState, SCRATCH};
 pub use store::DEFAULT_RESERVE;
 
 /// The environment variable naming the multiproc directory.
-pub const ENV_DIR: &str = "SHMETRICS_DIR";
+pub(crate) const ENV_DIR: &str = "SHMETRICS_DIR";
 
 /// Prometheus' default histogram buckets (seconds).
 pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

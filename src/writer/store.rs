@@ -160,7 +160,10 @@ impl Store {
             None => {
                 let region = Region::anonymous(reserve as usize)?;
                 let head = layout::encode_header(pid, 0, now_ns(), [0; 16], reserve);
-                region.write_bytes(0, &head)?;
+                // SAFETY: the mapping was created on the line above and is private memory: no
+                // other thread or process can see it yet.
+                #[allow(unsafe_code)]
+                unsafe { region.write_bytes(0, &head) }?;
                 (Backing::Memory, region, reserve)
             }
         };
@@ -188,7 +191,14 @@ impl Store {
         let store: &'static Store = Box::leak(Box::new(store));
         HOOKS.call_once(|| {
             // If registration fails we can only lose fork-safety, not correctness of this process.
-            if let Err(e) = layout::region::register_fork_handlers(prepare, parent, child) {
+            // SAFETY: `prepare` takes the store list and every store's state lock, so `child` finds
+            // them free; `child` (see `Store::after_fork`) takes no other lock, writes to stderr with
+            // raw write(2) and defers its `tracing` event to the next registration; it allocates,
+            // which glibc and musl allow in a fork child. None of the three unwinds: they only
+            // take locks that ignore poisoning and handle every error by value.
+            #[allow(unsafe_code)]
+            let registered = unsafe { layout::region::register_fork_handlers(prepare, parent, child) };
+            if let Err(e) = registered {
                 tracing::warn!("shmetrics: cannot register fork handlers: {e}");
             }
             if let Err(e) = layout::region::register_exit_handler(at_exit) {
@@ -265,7 +275,13 @@ impl Store {
             }
             st.size = new_size;
         }
-        self.region.write_bytes(off, record).ok()?;
+        // SAFETY: `off..need` lies past the published end of the log (`used`), which no reader
+        // reads before the release store below; `st` proves the registration lock is held, so no
+        // other thread of this process writes the range; a `Shared` store (whose file another
+        // process appends to) returned above; and the file was grown to cover the range.
+        #[allow(unsafe_code)]
+        let written = unsafe { self.region.write_bytes(off, record) };
+        written.ok()?;
         st.used = need;
         // The release store publishes the record bytes written above to every reader that loads
         // `used` with acquire ordering.
@@ -293,7 +309,12 @@ impl Store {
         zero_slots(&mut records);
         let created = copied.and_then(|()| create_file(&dir, st.pid, parent_pid, self.reserve, &records));
         let err = match created {
-            Ok((lock, file_id, size)) => match self.region.remap_fixed(Some(lock.as_fd())) {
+            // SAFETY: we are the fork child, so no other thread exists and only handles' atomics
+            // point into the region; the new file is open read-write and sized for `used`; on
+            // failure the inherited file is mapped back (or `to_memory` maps private memory)
+            // before anything touches the range again.
+            #[allow(unsafe_code)]
+            Ok((lock, file_id, size)) => match unsafe { self.region.remap_fixed(Some(lock.as_fd())) } {
                 Ok(()) => {
                     let inherited = std::mem::replace(&mut st.backing, Backing::File { dir, lock, file_id });
                     release_inherited(inherited);
@@ -311,7 +332,15 @@ impl Store {
                     drop(lock);
                     let restored = match &st.backing {
                         Backing::File { lock, .. } | Backing::Shared { lock, .. } => {
-                            self.region.remap_fixed(Some(lock.as_fd()))
+                            // SAFETY: as above, still the only thread; the inherited descriptor is
+                            // read-write and its file covers our `used`, since we were writing
+                            // into it until the fork. Since the failed call we only removed a file,
+                            // closed a descriptor and formatted a file name: nothing can have been
+                            // mapped into the range. A failure leads to `to_memory`.
+                            #[allow(unsafe_code)]
+                            unsafe {
+                                self.region.remap_fixed(Some(lock.as_fd()))
+                            }
                         }
                         Backing::Memory => Err(io::Error::other("no inherited file")),
                     };
@@ -356,10 +385,28 @@ impl Store {
     /// memory, as for a process whose first file could not be created. Its values are not exported.
     fn to_memory(&self, st: &mut StoreState, parent_pid: u64, records: &[u8], why: &str) {
         // The records must be put back, since the remap may have replaced them with zeros.
-        let _ = self.region.remap_fixed(None);
+        // SAFETY: we are the fork child (the only thread); the mapping becomes private memory,
+        // which no other process sees, and the range is touched again only if the remap worked.
+        // Since a failed remap (if any) the process has made no mapping of its own.
+        #[allow(unsafe_code)]
+        let remapped = unsafe { self.region.remap_fixed(None) };
+        if let Err(e) = remapped {
+            // Nothing is mapped under the handles any more, and the next mapping the process makes
+            // may land there: an update through a handle taken before the fork would corrupt it.
+            write_stderr(&format!(
+                "shmetrics: pid {} cannot map even private memory under its metric handles after \
+                 fork ({why}; then {e}); aborting rather than let updates corrupt memory",
+                st.pid
+            ));
+            std::process::abort();
+        }
         let head = layout::encode_header(st.pid, parent_pid, now_ns(), [0; 16], self.reserve);
-        let _ = self.region.write_bytes(0, &head);
-        let _ = self.region.write_bytes(HEADER_SIZE, records);
+        // SAFETY: private memory mapped just above, in a process with one thread.
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = self.region.write_bytes(0, &head);
+            let _ = self.region.write_bytes(HEADER_SIZE, records);
+        }
         self.header_atomic(header::USED).store(st.used, Ordering::Release);
         release_inherited(std::mem::replace(&mut st.backing, Backing::Memory));
         st.size = self.reserve;
