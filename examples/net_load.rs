@@ -20,10 +20,30 @@
 //! - `hog` (or `hog:N`): `--hogs` (500) or N silent connections to the monitor port, each reopened
 //!   5 ms after it is cut, for `--seconds`; meanwhile `health_check` is asked every 200 ms.
 //!   Reported: answers, `Error: too many connections` refusals, timeouts, slowest answer.
+//! - `burst` (or `burst:N`): `--burst` (1000) or N clients scrape `/metrics` once each, all at the
+//!   same moment (many scrapers firing on the same tick), on `--workers` (4) workers with
+//!   `--series` (1000) series per family. Every client connects first; once all are connected they
+//!   are released together and each sends one `GET /metrics` with `Connection: close` and reads
+//!   its whole response. Reported per binary: clients by outcome (200, 503, other status, closed
+//!   without a full response, errors, and how many had their answer before they sent a request,
+//!   i.e. a refusal at `accept`), latency from the release to the last byte (p50, p99, max; over
+//!   all answers and over the 200s), resident set before, at its peak (sampled every 5 ms while
+//!   the burst runs, and the kernel's high-water mark) and 2 s after, threads, and the
+//!   aggregator's `shmetrics_scrapes_total` and `shmetrics_merges_total` read by one more scrape
+//!   (`n/a` where a binary has no such family; both also count the warm-up scrape and that last
+//!   one): whether simultaneous scrapes share their merges. `/proc/loadavg` is printed at the
+//!   start and end of the run and next to each burst, since the machine may be shared. The goal is
+//!   every client answered, p99 under 1 s, peak RSS under 150 MB and at most one merge per ten
+//!   scrapes. `scrapers` measures a steady state that the connection limit shapes; the burst
+//!   measures the first moment, every client waiting and none answered yet: that is when memory
+//!   peaks, and when a server that merges once per request makes the last client wait for all the
+//!   others' merges.
 //!
 //! ```text
 //! cargo build --release --bin shmetrics --example workload --example net_load
 //! target/release/examples/net_load --bin new=target/release/shmetrics --bin old=/path/to/old/shmetrics
+//! target/release/examples/net_load --bin new=target/release/shmetrics --bin old=/path/to/old/shmetrics \
+//!     --scenarios burst
 //! ```
 //!
 //! The workload is `workload --hold --workers 4` (found next to this executable, or
@@ -55,7 +75,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "scrapers,scrapers:50,stalled,stalled-close,hog,hog:1024"
+        default_value = "scrapers,scrapers:50,stalled,stalled-close,hog,hog:1024,burst"
     )]
     scenarios: Vec<String>,
     /// Concurrent scraping clients.
@@ -85,6 +105,9 @@ struct Args {
     /// Silent monitor connections.
     #[arg(long, default_value_t = 500)]
     hogs: usize,
+    /// Clients of the burst, one scrape each, all at once.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
 }
 
 fn labelled(s: &str) -> Result<(String, PathBuf), String> {
@@ -178,15 +201,7 @@ impl Server {
 
     /// `(VmRSS, VmHWM)` in MiB and the thread count.
     fn status(&self) -> (f64, f64, u64) {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| -> f64 {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        (field("VmRSS:") / 1024.0, field("VmHWM:") / 1024.0, field("Threads:") as u64)
+        proc_status(self.pid())
     }
 
     fn rss(&self) -> f64 {
@@ -205,6 +220,26 @@ impl Server {
             })
             .unwrap_or(0)
     }
+}
+
+/// `(VmRSS, VmHWM)` in MiB and the thread count of process `pid` (NaN and 0 once it is gone).
+fn proc_status(pid: u32) -> (f64, f64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmRSS:") / 1024.0, field("VmHWM:") / 1024.0, field("Threads:") as u64)
+}
+
+/// `/proc/loadavg`, trimmed: the machine is shared, so every figure is read next to it.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("(no /proc/loadavg: {e})"))
 }
 
 /// Reads one HTTP/1.1 response (Content-Length bodies only; hyper sends those for full bodies).
@@ -475,8 +510,290 @@ async fn hog(srv: &Server, args: &Args, hogs: usize) -> Vec<(String, String)> {
     ]
 }
 
+/// How long a burst client waits for its whole answer.
+const BURST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The burst's request, the same for every client.
+const BURST_REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Raises this process's soft limit on open files to at least `wanted`.
+fn raise_open_files(wanted: u64) -> Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    if soft >= wanted {
+        return Ok(());
+    }
+    if hard < wanted {
+        bail!("{wanted} open files needed, the hard limit (ulimit -Hn) is {hard}");
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).context("raising RLIMIT_NOFILE")?;
+    Ok(())
+}
+
+/// Reads one response to its last byte (by `content-length`, or to the close without one),
+/// keeping only its head; `buf` holds what was read already. The status, or `closed…` /
+/// `error: …`.
+async fn read_whole(s: &mut TcpStream, mut buf: Vec<u8>) -> std::result::Result<u16, String> {
+    let mut chunk = vec![0u8; 16 * 1024];
+    // Status and content-length, once the head is in; then only the body's length is counted.
+    let mut head: Option<(u16, Option<usize>)> = None;
+    let mut body = 0;
+    loop {
+        if head.is_none() {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                let status = text
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| format!("error: status line {:?}", text.lines().next()))?;
+                let len = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok());
+                body = buf.len() - i - 4;
+                head = Some((status, len));
+                buf = Vec::new();
+            }
+        }
+        if let Some((status, Some(len))) = head {
+            if body >= len {
+                return Ok(status);
+            }
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) => {
+                return match head {
+                    Some((status, None)) => Ok(status),
+                    Some(_) => Err("closed mid-body".into()),
+                    None if buf.is_empty() => Err("closed".into()),
+                    None => Err("closed mid-head".into()),
+                }
+            }
+            Ok(n) if head.is_some() => body += n,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("error: {e}")),
+        }
+    }
+}
+
+/// What one burst client got.
+struct Outcome {
+    /// The status, or `closed…` / `error: …`.
+    result: std::result::Result<u16, String>,
+    /// Part of the answer was there before the request was sent: a refusal at `accept`.
+    early: bool,
+    /// When the last byte came.
+    end: Option<Instant>,
+}
+
+/// One burst client: connects, says so on `connected`, waits for the release, sends
+/// [`BURST_REQUEST`] and reads the whole answer.
+async fn burst_client(
+    addr: SocketAddr,
+    connected: tokio::sync::mpsc::UnboundedSender<()>,
+    mut release: tokio::sync::watch::Receiver<bool>,
+) -> Outcome {
+    let conn = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await;
+    let _ = connected.send(());
+    let _ = release.wait_for(|go| *go).await;
+    let failed = |e: String| Outcome { result: Err(e), early: false, end: None };
+    let mut s = match conn {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return failed(format!("error: connect: {e}")),
+        Err(_) => return failed("error: connect: no answer in 10 s".into()),
+    };
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let early = match s.try_read(&mut chunk) {
+        Ok(n) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        _ => false,
+    };
+    let result = tokio::time::timeout(BURST_TIMEOUT, async {
+        // A server that answered already may have closed its side; its answer still counts.
+        if let Err(e) = s.write_all(BURST_REQUEST).await {
+            if buf.is_empty() {
+                return Err(format!("error: write: {e}"));
+            }
+        }
+        read_whole(&mut s, buf).await
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("error: no whole answer in {} s", BURST_TIMEOUT.as_secs())));
+    let end = result.is_ok().then(Instant::now);
+    Outcome { result, early, end }
+}
+
+/// GET `/metrics` on a new connection: the status and the body.
+async fn get_metrics(addr: SocketAddr) -> Result<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out);
+        let (head, body) = text.split_once("\r\n\r\n").context("no response head")?;
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("status line")?;
+        anyhow::Ok((status, body.to_string()))
+    })
+    .await
+    .context("no answer to /metrics in 30 s")?
+}
+
+/// The value of the unlabelled sample `name` in a text exposition, or `n/a`.
+fn sample(exposition: &str, name: &str) -> String {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next())
+        .unwrap_or("n/a")
+        .to_string()
+}
+
+/// `p50 / p99 / max` in milliseconds (nearest rank), or `-` without any.
+fn latencies(mut v: Vec<Duration>) -> String {
+    v.sort();
+    let at = |p: f64| {
+        let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        format!("{:.1}", v[i].as_secs_f64() * 1e3)
+    };
+    if v.is_empty() {
+        "-".into()
+    } else {
+        format!("{} / {} / {}", at(0.5), at(0.99), at(1.0))
+    }
+}
+
+async fn burst(srv: &Server, clients: usize) -> Result<Vec<(String, String)>> {
+    // Our end of every connection, plus some for the runtime and the pipes.
+    raise_open_files(clients as u64 + 256)?;
+    let load = loadavg();
+    let (before, _, threads_before) = srv.status();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let (stop, pid) = (stop.clone(), srv.pid());
+        move || {
+            let (mut peak, mut threads): (f64, u64) = (0.0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let (rss, _, t) = proc_status(pid);
+                peak = peak.max(rss);
+                threads = threads.max(t);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (peak, threads)
+        }
+    });
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let (release, release_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        tasks.spawn(burst_client(srv.http, connected_tx.clone(), release_rx.clone()));
+    }
+    drop(connected_tx);
+    // Every client sends once, connected or not (a connect gives up after 10 s).
+    for _ in 0..clients {
+        connected.recv().await.context("a burst client ended before connecting")?;
+    }
+    let connecting = started.elapsed();
+    let released = Instant::now();
+    release.send(true).context("releasing the burst")?;
+    let mut outcomes = Vec::with_capacity(clients);
+    while let Some(joined) = tasks.join_next().await {
+        outcomes.push(joined.unwrap_or_else(|e| Outcome {
+            result: Err(format!("error: client task: {e}")),
+            early: false,
+            end: None,
+        }));
+    }
+    let took = released.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (peak, peak_threads) = sampler.join().map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
+    let (_, hwm, _) = srv.status();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _, threads_after) = srv.status();
+    // One more scrape for the counters; the last refusals may still be draining.
+    let mut last = get_metrics(srv.http).await?;
+    for _ in 0..10 {
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        last = get_metrics(srv.http).await?;
+    }
+    let (scrapes, merges) = if last.0 == 200 {
+        (sample(&last.1, "shmetrics_scrapes_total"), sample(&last.1, "shmetrics_merges_total"))
+    } else {
+        (format!("({} to /metrics)", last.0), "n/a".into())
+    };
+    let ratio = match (scrapes.parse::<f64>(), merges.parse::<f64>()) {
+        (Ok(s), Ok(m)) if s > 0.0 => format!("{:.3}", m / s),
+        _ => "n/a".into(),
+    };
+
+    let mut by_status = std::collections::BTreeMap::<u16, u64>::new();
+    let mut failures = std::collections::BTreeMap::<String, u64>::new();
+    let (mut all, mut ok) = (Vec::new(), Vec::new());
+    for o in &outcomes {
+        match &o.result {
+            Ok(status) => {
+                *by_status.entry(*status).or_default() += 1;
+                let latency = o.end.map_or(Duration::ZERO, |e| e.saturating_duration_since(released));
+                all.push(latency);
+                if *status == 200 {
+                    ok.push(latency);
+                }
+            }
+            Err(e) => *failures.entry(e.clone()).or_default() += 1,
+        }
+    }
+    let count =
+        |pred: &dyn Fn(&str) -> bool| failures.iter().filter(|(k, _)| pred(k)).map(|(_, n)| n).sum::<u64>();
+    let other: u64 = by_status.iter().filter(|(s, _)| !matches!(s, 200 | 503)).map(|(_, n)| n).sum();
+    let failed = failures.iter().map(|(k, n)| format!("{k} ×{n}")).collect::<Vec<_>>().join("; ");
+    eprintln!(
+        "burst of {clients}: connected in {:.2} s, all done {:.2} s after the release; statuses {by_status:?}",
+        connecting.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    let n = |s: u16| by_status.get(&s).copied().unwrap_or(0).to_string();
+    Ok(vec![
+        ("clients".into(), clients.to_string()),
+        ("200".into(), n(200)),
+        ("503".into(), n(503)),
+        ("other status".into(), other.to_string()),
+        ("closed".into(), count(&|k| k.starts_with("closed")).to_string()),
+        ("errors".into(), count(&|k| !k.starts_with("closed")).to_string()),
+        ("answered before the request".into(), outcomes.iter().filter(|o| o.early).count().to_string()),
+        ("ms p50 / p99 / max (all answers)".into(), latencies(all)),
+        ("ms p50 / p99 / max (200s)".into(), latencies(ok)),
+        (
+            "RSS MiB before / peak (5 ms samples) / VmHWM / 2 s after".into(),
+            format!("{} / {} / {} / {}", mib(before), mib(peak), mib(hwm), mib(after)),
+        ),
+        (
+            "threads before / peak / after".into(),
+            format!("{threads_before} / {peak_threads} / {threads_after}"),
+        ),
+        // The server's counters also count the warm-up scrape and the one that read them.
+        ("scrapes_total (+2 not in the burst)".into(), scrapes),
+        ("merges_total (+≤2 not in the burst)".into(), merges),
+        ("merges / scrapes".into(), ratio),
+        (
+            "connect s / burst s".into(),
+            format!("{:.2} / {:.2}", connecting.as_secs_f64(), took.as_secs_f64()),
+        ),
+        ("loadavg before".into(), load),
+        ("failures".into(), if failed.is_empty() { "-".into() } else { failed }),
+    ])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    let load_start = loadavg();
+    eprintln!("loadavg at start: {load_start}");
     let workload = match &args.workload {
         Some(w) => w.clone(),
         None => std::env::current_exe()?.with_file_name("workload"),
@@ -494,14 +811,18 @@ fn main() -> Result<()> {
                     .await?;
                 let mut buf = Vec::new();
                 let (_, _, len) = read_response(&mut s, &mut buf).await?;
+                // Closed, so that it holds none of the server's connections during the scenario.
+                drop(s);
                 eprintln!("{label} {scenario}: /metrics is {len} bytes");
                 anyhow::Ok(match scenario.as_str() {
                     "scrapers" => scrapers(&srv, &args, args.clients).await,
                     "stalled" => stalled(&srv, &args, false).await,
                     "stalled-close" => stalled(&srv, &args, true).await,
                     "hog" => hog(&srv, &args, args.hogs).await,
+                    "burst" => burst(&srv, args.burst).await?,
                     other => match other.split_once(':').map(|(s, n)| (s, n.parse::<usize>())) {
                         Some(("hog", Ok(n))) => hog(&srv, &args, n).await,
+                        Some(("burst", Ok(n))) => burst(&srv, n).await?,
                         Some(("scrapers", Ok(n))) => scrapers(&srv, &args, n).await,
                         _ => bail!("unknown scenario {other:?}"),
                     },
@@ -512,6 +833,8 @@ fn main() -> Result<()> {
         }
     }
     let mut out = std::io::stdout().lock();
+    writeln!(out, "loadavg at start: {load_start}")?;
+    writeln!(out, "loadavg at end:   {}", loadavg())?;
     let mut last = String::new();
     for r in &rows {
         if r.scenario != last {
