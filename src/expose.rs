@@ -210,11 +210,11 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
             (MetricType::Histogram, Value::Hist { buckets, sum }) => {
                 let mut cum: u64 = 0;
                 let mut le = String::new();
-                for (i, n) in buckets.iter().enumerate() {
-                    cum = cum.wrapping_add(*n);
+                for (bound, c) in labels.cumulative(buckets) {
+                    cum = c;
                     le.clear();
-                    match labels.bounds.get(i) {
-                        Some(b) => push_go_float(&mut le, *b),
+                    match bound {
+                        Some(b) => push_go_float(&mut le, b),
                         None => le.push_str("+Inf"),
                     }
                     push_sample_head(out, name, "_bucket", labels, Some(("le", &le)));

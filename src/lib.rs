@@ -102,6 +102,8 @@ pub mod alarm;
 #[cfg(feature = "aggregator")]
 pub mod archive;
 #[cfg(feature = "aggregator")]
+pub mod client;
+#[cfg(feature = "aggregator")]
 pub mod dir;
 #[cfg(feature = "aggregator")]
 pub mod expose;
@@ -119,6 +121,8 @@ pub mod python;
 pub mod reader;
 #[cfg(feature = "aggregator")]
 pub mod report;
+#[cfg(feature = "aggregator")]
+pub mod samples;
 #[cfg(feature = "aggregator")]
 pub mod server;
 #[cfg(feature = "aggregator")]

@@ -45,6 +45,16 @@ impl LabelSet {
         let text = render_labels(&pairs);
         LabelSet { pairs, text, bounds: Vec::new() }
     }
+
+    /// A histogram's buckets as exposed: (upper bound, `None` for `+Inf`; cumulative count). The
+    /// one place counts accumulate (wrapping, as the counters themselves do), for every encoder,
+    /// `dump` and the threshold rules.
+    pub fn cumulative<'a>(&'a self, buckets: &'a [u64]) -> impl Iterator<Item = (Option<f64>, u64)> + 'a {
+        buckets.iter().enumerate().scan(0u64, move |cum, (i, n)| {
+            *cum = cum.wrapping_add(*n);
+            Some((self.bounds.get(i).copied(), *cum))
+        })
+    }
 }
 
 /// A merged value.
@@ -321,7 +331,7 @@ pub(crate) fn escape_label_value(v: &str, out: &mut String) {
     }
 }
 
-fn render_labels(pairs: &[(String, String)]) -> String {
+pub(crate) fn render_labels(pairs: &[(String, String)]) -> String {
     let mut text = String::new();
     for (i, (n, v)) in pairs.iter().enumerate() {
         if i > 0 {

@@ -37,10 +37,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -271,7 +267,8 @@ async fn attempt_once(name: &str, action: &ActionConfig, msg: &Message) -> Resul
                 WebhookFormat::Alertmanager => alertmanager_body(&msg.events),
             };
             let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-            tokio::time::timeout(timeout, post(url, body))
+            // The client's own limit is a backstop: this one fires first, with this message.
+            tokio::time::timeout(timeout, post(url, body, timeout + Duration::from_secs(1)))
                 .await
                 .map_err(|_| format!("no answer from {url} within {timeout:?}"))?
         }
@@ -543,43 +540,19 @@ async fn run_command(argv: &[String], input: &[u8], msg: &Message, timeout: Dura
     Err(if err.is_empty() { format!("{prog:?} {status}") } else { format!("{prog:?} {status}: {err}") })
 }
 
-/// POSTs JSON to an `http://` URL; fails unless the answer is 2xx.
-async fn post(url: &str, body: Vec<u8>) -> Result<(), String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{url}: only http:// URLs are supported"));
-    }
-    let authority = uri.authority().ok_or_else(|| format!("{url}: no host"))?.clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", authority.as_str()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let host_header = match authority.port_u16() {
-        Some(p) => format!("{}:{p}", authority.host()),
-        None => authority.host().to_string(),
-    };
-    let req = Request::post(path)
-        .header(hyper::header::HOST, host_header)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::USER_AGENT, concat!("shmetrics/", env!("CARGO_PKG_VERSION")))
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("POST {url}: {e}"))?;
-    let status = resp.status();
-    let answer = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    if status.is_success() {
+/// POSTs JSON to an `http://` URL (through [`crate::client`]); fails unless the answer is 2xx.
+async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
+    let json = crate::client::Body { content_type: "application/json", bytes: body };
+    let agent = concat!("shmetrics/", env!("CARGO_PKG_VERSION"));
+    let answer = crate::client::send(hyper::Method::POST, url, Some(json), agent, timeout).await?;
+    if (200..300).contains(&answer.status) {
         return Ok(());
     }
-    let answer = String::from_utf8_lossy(&answer);
-    let answer = truncate(&answer);
-    Err(if answer.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {answer}") })
+    let status =
+        hyper::StatusCode::from_u16(answer.status).map_or(answer.status.to_string(), |s| s.to_string());
+    let text = String::from_utf8_lossy(&answer.body);
+    let text = truncate(&text);
+    Err(if text.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {text}") })
 }
 
 /// The log action: one `WARN` line per message.

@@ -26,9 +26,9 @@ use super::config::{AlarmConfig, Measure, Op, Scope};
 use super::{Event, EventKind, Pipeline};
 use crate::aggregator::Exit;
 use crate::job::{Job, JobView};
-use crate::layout::MetricType;
-use crate::merge::{Snapshot, Value};
+use crate::merge::Snapshot;
 use crate::procs::ProcStats;
+use crate::samples;
 
 /// A series selector: `name` or `name{label="value",…}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,61 +68,6 @@ impl Selector {
     pub fn matches(&self, name: &str, labels: &[(String, String)]) -> bool {
         self.name == name && self.labels.iter().all(|l| labels.contains(l))
     }
-}
-
-/// A sample as exposed: name, labels, value.
-pub type Sample = (String, Vec<(String, String)>, f64);
-
-/// Every sample of a snapshot as exposed in Prometheus text.
-pub fn samples(snap: &Snapshot) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for f in &snap.families {
-        let d = &f.meta.desc;
-        for (labels, v) in &f.series {
-            let base = &labels.pairs;
-            match (d.metric_type, v) {
-                (MetricType::Histogram, Value::Hist { buckets, sum }) => {
-                    let mut cum = 0u64;
-                    for (i, n) in buckets.iter().enumerate() {
-                        cum += n;
-                        let mut le = String::new();
-                        match labels.bounds.get(i) {
-                            Some(b) => crate::expose::push_go_float(&mut le, *b),
-                            None => le.push_str("+Inf"),
-                        }
-                        let mut l = base.clone();
-                        l.push(("le".into(), le));
-                        out.push((format!("{}_bucket", d.name), l, cum as f64));
-                    }
-                    out.push((format!("{}_count", d.name), base.clone(), cum as f64));
-                    out.push((format!("{}_sum", d.name), base.clone(), *sum));
-                }
-                (_, Value::Summary { count, sum }) => {
-                    out.push((format!("{}_count", d.name), base.clone(), *count));
-                    out.push((format!("{}_sum", d.name), base.clone(), *sum));
-                }
-                (MetricType::Counter, v) => out.push((format!("{}_total", d.name), base.clone(), number(v))),
-                (_, v) => out.push((d.name.clone(), base.clone(), number(v))),
-            }
-        }
-    }
-    out
-}
-
-fn number(v: &Value) -> f64 {
-    match v {
-        Value::U64(n) => *n as f64,
-        Value::F64(x) | Value::Recent { v: x, .. } => *x,
-        _ => f64::NAN,
-    }
-}
-
-fn render(name: &str, labels: &[(String, String)]) -> String {
-    if labels.is_empty() {
-        return name.to_string();
-    }
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    format!("{name}{{{}}}", inner.join(","))
 }
 
 /// State kept across checks (and across configuration reloads).
@@ -284,11 +229,12 @@ impl Detector {
         if cfg.threshold.is_empty() {
             return;
         }
-        let all = samples(snap);
+        let all = samples::flatten(snap);
         let now = Instant::now();
         for (i, rule) in cfg.threshold.iter().enumerate() {
             let Some(sel) = Selector::parse(&rule.series) else { continue };
-            for (name, labels, v) in all.iter().filter(|(n, l, _)| sel.matches(n, l)) {
+            for sample in all.iter().filter(|s| sel.matches(&s.name, &s.labels)) {
+                let v = &sample.value;
                 let crossed = match rule.op {
                     Op::AtLeast => *v >= rule.value,
                     Op::AtMost => *v <= rule.value,
@@ -296,7 +242,7 @@ impl Detector {
                 if !crossed {
                     continue;
                 }
-                let series = render(name, labels);
+                let series = sample.selector();
                 let key = (i, series.clone());
                 let rate = rule.rate_seconds.get();
                 if self.threshold_last.get(&key).is_some_and(|t| now.duration_since(*t) < rate) {

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use shmetrics::aggregator::{Aggregator, Options};
 use shmetrics::expose::{self, Format};
-use shmetrics::layout::MetricType;
 use shmetrics::merge::{Snapshot, Value};
+use shmetrics::samples;
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,22 +78,16 @@ fn json(snap: &Snapshot) -> serde_json::Value {
                             s["sum"] = number(*sum);
                         }
                         Value::Hist { buckets, sum } => {
-                            let mut cum = 0u64;
-                            let b: Vec<serde_json::Value> = buckets
-                                .iter()
-                                .enumerate()
-                                .map(|(i, n)| {
-                                    cum += n;
-                                    let mut le = String::new();
-                                    match labels.bounds.get(i) {
-                                        Some(b) => expose::push_go_float(&mut le, *b),
-                                        None => le.push_str("+Inf"),
-                                    }
-                                    serde_json::json!({ "le": le, "count": cum })
+                            let mut count = 0u64;
+                            let b: Vec<serde_json::Value> = labels
+                                .cumulative(buckets)
+                                .map(|(bound, cum)| {
+                                    count = cum;
+                                    serde_json::json!({ "le": samples::le_text(bound), "count": cum })
                                 })
                                 .collect();
                             s["buckets"] = b.into();
-                            s["count"] = cum.into();
+                            s["count"] = count.into();
                             s["sum"] = number(*sum);
                         }
                         Value::Unset => {}
@@ -102,7 +96,7 @@ fn json(snap: &Snapshot) -> serde_json::Value {
                 })
                 .collect();
             serde_json::json!({
-                "name": if d.metric_type == MetricType::Counter { format!("{}_total", d.name) } else { d.name.clone() },
+                "name": d.sample_name(),
                 "type": d.metric_type.as_str(),
                 "help": d.help,
                 "series": series,
@@ -141,8 +135,7 @@ fn influx(snap: &Snapshot, dir: &str) -> String {
     let mut out = String::new();
     for f in &snap.families {
         let d = &f.meta.desc;
-        let name =
-            if d.metric_type == MetricType::Counter { format!("{}_total", d.name) } else { d.name.clone() };
+        let name = d.sample_name();
         for (labels, v) in &f.series {
             let mut line = escape(&name, false);
             for (k, val) in &labels.pairs {
@@ -163,18 +156,14 @@ fn influx(snap: &Snapshot, dir: &str) -> String {
                     parts.join(",")
                 }
                 Value::Hist { buckets, sum } => {
-                    let mut cum = 0u64;
+                    let mut count = 0u64;
                     let mut parts = Vec::new();
-                    for (i, n) in buckets.iter().enumerate() {
-                        cum += n;
-                        let mut le = String::new();
-                        match labels.bounds.get(i) {
-                            Some(b) => expose::push_go_float(&mut le, *b),
-                            None => le.push_str("inf"),
-                        }
+                    for (bound, cum) in labels.cumulative(buckets) {
+                        count = cum;
+                        let le = bound.map_or_else(|| "inf".to_string(), |b| samples::le_text(Some(b)));
                         parts.push(format!("le_{}={cum}", escape(&le, true)));
                     }
-                    parts.push(format!("count={cum}"));
+                    parts.push(format!("count={count}"));
                     if sum.is_finite() {
                         parts.push(format!("sum={}", field(*sum)));
                     }

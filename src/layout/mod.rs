@@ -258,6 +258,15 @@ pub struct MetricDesc {
 }
 
 impl MetricDesc {
+    /// The name its plain samples are exposed under: a counter's gets `_total` (the name stored
+    /// in files has none), every other type's is the name itself.
+    pub fn sample_name(&self) -> std::borrow::Cow<'_, str> {
+        match self.metric_type {
+            MetricType::Counter => format!("{}_total", self.name).into(),
+            _ => self.name.as_str().into(),
+        }
+    }
+
     /// Number of 8-byte value slots each series of this metric has.
     ///
     /// Counter: 1. Gauge: 1, or 2 (value, then timestamp in unix ns) for the most-recent modes.
