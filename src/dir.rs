@@ -181,11 +181,11 @@ fn understood(path: &Path, n: &str, trust: &Trust, wipe: bool) -> std::result::R
         if layout::file_name(word(layout::header::PID), &id) != n {
             return Err("its header names another file (renamed or copied)".into());
         }
-        return Ok(wipe || unlocked(&file));
+        return Ok(wipe || crate::trust::lock_is_free(&file));
     }
     if layout::is_writer_temp(n) {
         let young = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_none_or(|age| age < TEMP_GRACE);
-        return Ok(wipe || (!young && unlocked(&file)));
+        return Ok(wipe || (!young && crate::trust::lock_is_free(&file)));
     }
     if n == ARCHIVE_FILE {
         // A valid archive of the previous run goes; an unusable one is set aside by the load that
@@ -201,14 +201,6 @@ fn understood(path: &Path, n: &str, trust: &Trust, wipe: bool) -> std::result::R
     drop(file);
     crate::python::PyFile::open(path, pyname, trust).map_err(|(_, why)| why)?;
     Ok(true)
-}
-
-/// Whether no process holds the lock of an open file (an error counts as held).
-fn unlocked(file: &File) -> bool {
-    match file.try_lock() {
-        Ok(()) => file.unlock().is_ok(),
-        Err(_) => false,
-    }
 }
 
 /// The entry names of a directory (non-UTF-8 names are not ours and are skipped).

@@ -150,10 +150,7 @@ impl MappedFile {
 
     /// Whether no process holds the file's `flock` any more (an error counts as held).
     pub fn lock_is_free(&self) -> bool {
-        match self.file.try_lock() {
-            Ok(()) => self.file.unlock().is_ok(),
-            Err(_) => false,
-        }
+        crate::trust::lock_is_free(&self.file)
     }
 }
 
@@ -355,14 +352,6 @@ impl WorkerFile {
     ///
     /// Tries `flock(LOCK_EX|LOCK_NB)` on our own open file description and releases it at once.
     pub fn is_dead(&mut self) -> Result<bool> {
-        let file = self.mf.file();
-        match file.try_lock() {
-            Ok(()) => {
-                file.unlock().map_err(|e| Error::io(&self.path, e))?;
-                Ok(true)
-            }
-            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&self.path, e)),
-        }
+        crate::trust::try_lock_free(self.mf.file()).map_err(|e| Error::io(&self.path, e))
     }
 }

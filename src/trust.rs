@@ -144,10 +144,23 @@ pub fn open_rw(path: &Path, trust: &Trust) -> std::result::Result<(File, Metadat
 /// An error while testing the lock counts as held: when in doubt, keep the file.
 pub fn is_locked(path: &Path, trust: &Trust) -> Option<bool> {
     let (file, _) = open_read(path, trust).ok()?;
-    Some(match file.try_lock() {
-        Ok(()) => file.unlock().is_err(),
-        Err(_) => true,
-    })
+    Some(!lock_is_free(&file))
+}
+
+/// The one liveness test of a writer: whether no process holds the `flock` of `file` — tried
+/// with `flock(LOCK_EX|LOCK_NB)` on our own open file description and released at once. Errors
+/// are returned; [`lock_is_free`] counts them as held.
+pub fn try_lock_free(file: &std::fs::File) -> std::io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => file.unlock().map(|()| true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// [`try_lock_free`], an error counting as held: when in doubt, the writer is alive.
+pub fn lock_is_free(file: &std::fs::File) -> bool {
+    try_lock_free(file).unwrap_or(false)
 }
 
 /// Replaces `dir/name` durably with `bytes`: written to a fresh temporary file

@@ -662,7 +662,7 @@ impl Aggregator {
         let Ok((file, meta)) = crate::trust::open_read(path, &self.trust) else { return };
         let old =
             meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > dir::TEMP_GRACE);
-        if old && file.try_lock().is_ok() {
+        if old && crate::trust::lock_is_free(&file) {
             let _ = std::fs::remove_file(path);
         }
     }
