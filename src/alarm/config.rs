@@ -225,7 +225,7 @@ pub struct MemoryRule {
     #[serde(default)]
     pub scope: Scope,
     /// A signal to send to the offending worker (job scope: the largest), e.g. `SIGTERM`.
-    pub signal: Option<String>,
+    pub signal: Option<SignalName>,
     /// At most one signal (and one alarm) per worker per this many seconds.
     #[serde(default = "default_grace", deserialize_with = "grace_seconds")]
     pub grace_seconds: Seconds,
@@ -432,7 +432,7 @@ pub enum Op {
 #[serde(deny_unknown_fields)]
 pub struct ThresholdRule {
     /// The sample, as exposed: `name` or `name{label="value",…}` (a subset of its labels).
-    pub series: String,
+    pub series: Selector,
     /// `>=` or `<=`.
     pub op: Op,
     /// The threshold.
@@ -481,20 +481,9 @@ impl AlarmConfig {
         }
         for m in &self.memory {
             refs.push(("[[memory]]", &m.actions));
-            if let Some(s) = &m.signal {
-                if parse_signal(s).is_none() {
-                    return bad(format!("[[memory]] signal {s:?} is not a signal name (e.g. \"SIGTERM\")"));
-                }
-            }
         }
         for t in &self.threshold {
             refs.push(("[[threshold]]", &t.actions));
-            if crate::alarm::rules::Selector::parse(&t.series).is_none() {
-                return bad(format!(
-                    "[[threshold]] series {:?}: write name or name{{label=\"value\"}}",
-                    t.series
-                ));
-            }
         }
         for (section, actions) in refs {
             if actions.is_empty() {
@@ -549,9 +538,87 @@ pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
     name.parse().ok()
 }
 
+/// A signal, parsed when the configuration is loaded (`SIGTERM`, `TERM`, `sigterm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SignalName(pub nix::sys::signal::Signal);
+
+impl TryFrom<String> for SignalName {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<SignalName, String> {
+        parse_signal(&s)
+            .map(SignalName)
+            .ok_or_else(|| format!("{s:?} is not a signal name (e.g. \"SIGTERM\")"))
+    }
+}
+
+/// A series selector: `name` or `name{label="value",…}`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Selector {
+    /// Sample name as exposed.
+    pub name: String,
+    /// Labels that must match.
+    pub labels: Vec<(String, String)>,
+}
+
+impl TryFrom<String> for Selector {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Selector, String> {
+        Selector::parse(&s).ok_or_else(|| format!("series {s:?}: write name or name{{label=\"value\"}}"))
+    }
+}
+
+impl Selector {
+    /// Parses a selector.
+    pub fn parse(s: &str) -> Option<Selector> {
+        let s = s.trim();
+        let (name, rest) = match s.find('{') {
+            Some(i) => (&s[..i], Some(&s[i + 1..])),
+            None => (s, None),
+        };
+        if !crate::layout::valid_metric_name(name) {
+            return None;
+        }
+        let mut labels = Vec::new();
+        if let Some(rest) = rest {
+            let inner = rest.strip_suffix('}')?;
+            for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = part.split_once('=')?;
+                let v = v.trim().strip_prefix('"')?.strip_suffix('"')?;
+                labels.push((k.trim().to_string(), v.to_string()));
+            }
+        }
+        Some(Selector { name: name.to_string(), labels })
+    }
+}
+
+impl Selector {
+    /// Whether a sample (name and labels) matches.
+    pub fn matches(&self, name: &str, labels: &[(String, String)]) -> bool {
+        self.name == name && self.labels.iter().all(|l| labels.contains(l))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_and_selectors_are_parsed_once_at_load() {
+        let text = "[actions.a]\ntype = \"log\"\n[[memory]]\nmeasure = \"rss\"\nlimit = \"1GB\"\nsignal = \"term\"\nactions = [\"a\"]\n[[threshold]]\nseries = 'x_total{a=\"b\"}'\nop = \">=\"\nvalue = 1\nactions = [\"a\"]\n";
+        let c = AlarmConfig::parse(text).expect("config");
+        assert_eq!(c.memory[0].signal, Some(SignalName(nix::sys::signal::Signal::SIGTERM)));
+        let sel = &c.threshold[0].series;
+        assert_eq!(
+            (sel.name.as_str(), sel.labels.clone()),
+            ("x_total", vec![("a".to_string(), "b".to_string())])
+        );
+        let bad = AlarmConfig::parse(&text.replace("\"term\"", "\"SIGFOO\"")).expect_err("signal");
+        assert!(bad.to_string().contains("\"SIGFOO\" is not a signal name (e.g. \"SIGTERM\")"), "{bad}");
+        let bad = AlarmConfig::parse(&text.replace("x_total{a=\"b\"}", "x{a=b}")).expect_err("series");
+        assert!(bad.to_string().contains("write name or name{label=\"value\"}"), "{bad}");
+    }
 
     #[test]
     fn sizes() {

@@ -22,6 +22,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use super::config::Selector;
 use super::config::{AlarmConfig, Measure, Op, Scope};
 use super::{Event, EventKind, Pipeline};
 use crate::aggregator::Exit;
@@ -29,46 +31,6 @@ use crate::job::{Job, JobView};
 use crate::merge::Snapshot;
 use crate::procs::ProcStats;
 use crate::samples;
-
-/// A series selector: `name` or `name{label="value",…}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector {
-    /// Sample name as exposed.
-    pub name: String,
-    /// Labels that must match.
-    pub labels: Vec<(String, String)>,
-}
-
-impl Selector {
-    /// Parses a selector.
-    pub fn parse(s: &str) -> Option<Selector> {
-        let s = s.trim();
-        let (name, rest) = match s.find('{') {
-            Some(i) => (&s[..i], Some(&s[i + 1..])),
-            None => (s, None),
-        };
-        if !crate::layout::valid_metric_name(name) {
-            return None;
-        }
-        let mut labels = Vec::new();
-        if let Some(rest) = rest {
-            let inner = rest.strip_suffix('}')?;
-            for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = part.split_once('=')?;
-                let v = v.trim().strip_prefix('"')?.strip_suffix('"')?;
-                labels.push((k.trim().to_string(), v.to_string()));
-            }
-        }
-        Some(Selector { name: name.to_string(), labels })
-    }
-}
-
-impl Selector {
-    /// Whether a sample (name and labels) matches.
-    pub fn matches(&self, name: &str, labels: &[(String, String)]) -> bool {
-        self.name == name && self.labels.iter().all(|l| labels.contains(l))
-    }
-}
 
 /// State kept across checks (and across configuration reloads).
 #[derive(Default)]
@@ -208,7 +170,7 @@ impl Detector {
                         ),
                     ),
                 };
-                if let Some(sig) = rule.signal.as_deref().and_then(super::config::parse_signal) {
+                if let Some(sig) = rule.signal.map(|s| s.0) {
                     let sent = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig);
                     msg.push_str(&match sent {
                         Ok(()) => format!("; sent {sig} to pid {}", p.pid),
@@ -232,7 +194,7 @@ impl Detector {
         let all = samples::flatten(snap);
         let now = Instant::now();
         for (i, rule) in cfg.threshold.iter().enumerate() {
-            let Some(sel) = Selector::parse(&rule.series) else { continue };
+            let sel = &rule.series;
             for sample in all.iter().filter(|s| sel.matches(&s.name, &s.labels)) {
                 let v = &sample.value;
                 let crossed = match rule.op {
