@@ -28,6 +28,26 @@ pub struct FamilyMeta {
     pub label_names: Vec<String>,
 }
 
+impl FamilyMeta {
+    /// A family the aggregator adds itself (its own metrics, process figures, alarm counters): no
+    /// buckets, gauges summed. The one builder of such families.
+    pub fn own(name: &str, help: &str, t: MetricType, v: ValueType, labels: &[&str]) -> Arc<FamilyMeta> {
+        let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
+        Arc::new(FamilyMeta {
+            desc: MetricDesc {
+                name: name.to_string(),
+                help: help.to_string(),
+                metric_type: t,
+                value_type: v,
+                gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
+                label_names: label_names.clone(),
+                buckets: Vec::new(),
+            },
+            label_names,
+        })
+    }
+}
+
 /// A merged series' identity: its labels (pre-rendered) and, for histograms, its bucket bounds.
 #[derive(Debug, Default)]
 pub struct LabelSet {

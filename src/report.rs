@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::alarm::{AlarmStats, Event, EventKind};
 use crate::health::Health;
 use crate::job::JobView;
-use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
+use crate::layout::{MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Snapshot, Value};
 use crate::procs::{total, ProcStats};
 
@@ -194,19 +194,7 @@ pub fn monitor_text(view: &JobView) -> String {
 }
 
 fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
-    let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
-    Arc::new(FamilyMeta {
-        desc: MetricDesc {
-            name: name.into(),
-            help: help.into(),
-            metric_type: t,
-            value_type: ValueType::F64,
-            gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
-            label_names: label_names.clone(),
-            buckets: Vec::new(),
-        },
-        label_names,
-    })
+    FamilyMeta::own(name, help, t, ValueType::F64, labels)
 }
 
 /// Appends the process metrics that `which` asks for to a scrape.
@@ -309,19 +297,7 @@ pub fn process_families(view: &JobView, snap: &Snapshot, which: ProcessMetrics) 
 pub fn alarm_families(alarms: &Alarms) -> Vec<SnapFamily> {
     let st = &alarms.stats;
     let counter = |name: &str, help: &str, labels: &[&str]| {
-        let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
-        Arc::new(FamilyMeta {
-            desc: MetricDesc {
-                name: name.into(),
-                help: help.into(),
-                metric_type: MetricType::Counter,
-                value_type: ValueType::U64,
-                gauge_mode: None,
-                label_names: label_names.clone(),
-                buckets: Vec::new(),
-            },
-            label_names,
-        })
+        FamilyMeta::own(name, help, MetricType::Counter, ValueType::U64, labels)
     };
     let pairs = |v: &[(&str, &str)]| {
         Arc::new(LabelSet::new(v.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))

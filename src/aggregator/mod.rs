@@ -14,23 +14,25 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::archive::{self, Totals};
 use crate::dir::{self, DirLock, Startup};
 use crate::error::Result;
-use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
-use crate::merge::{FamilyMeta, LabelSet, Merger, SnapFamily, Snapshot, Value};
+use crate::layout::{self, header, GaugeMode, MetricType};
+use crate::merge::{Merger, Snapshot};
 use crate::procs;
-use crate::python::{self as py, KeyCache, PyFile};
+use crate::python::{self as py, KeyCache};
 use crate::reader::{BadReason, WorkerFile};
 use crate::trust::Trust;
 
 mod folds;
 mod python;
+mod self_metrics;
+mod workers;
 use folds::Folds;
 use python::PyTracked;
+use self_metrics::SelfMeta;
 
 /// Merged-series index meaning "not exported" (conflicting metric).
 const SKIP: u32 = u32::MAX;
@@ -255,78 +257,9 @@ impl Aggregator {
         &self.stats
     }
 
-    /// Live workers as of the last scan.
-    pub fn workers(&self) -> &[WorkerInfo] {
-        &self.workers
-    }
-
     /// Worker exits noticed since the last call (for crash alarms).
     pub fn take_exits(&mut self) -> Vec<Exit> {
         std::mem::take(&mut self.exits)
-    }
-
-    /// Whether any worker (a shmetrics file or a live Python process) was seen since start.
-    pub fn workers_ever_seen(&self) -> bool {
-        self.ever_seen
-    }
-
-    /// Ready workers: shmetrics workers that set their ready flag (as of the last scan), plus the
-    /// other workers found at the last [`Aggregator::account`] that count as ready (Python workers,
-    /// which have no way to say so, and workers forked without a file; see [`procs`]). Masters are
-    /// not workers.
-    pub fn ready_workers(&self) -> usize {
-        self.workers.iter().filter(|w| w.ready && !w.master).count() + self.other_workers.1
-    }
-
-    /// Live workers (masters not included), ready or not: see [`Aggregator::ready_workers`].
-    pub fn live_workers(&self) -> usize {
-        self.workers.iter().filter(|w| !w.master).count() + self.other_workers.0
-    }
-
-    /// What [`procs::collect`] needs to know of the job.
-    pub fn job_input(&self) -> procs::JobInput {
-        procs::JobInput {
-            files: self
-                .workers
-                .iter()
-                .map(|w| procs::FileProc {
-                    pid: w.pid,
-                    start_time_ns: w.start_time_ns,
-                    master: w.master,
-                    ready: w.ready,
-                    shared_forks: w.shared_forks,
-                })
-                .collect(),
-            python: self.python_pids(),
-            masters: self.cpu.masters().clone(),
-        }
-    }
-
-    /// Takes in a fresh look at the job's processes ([`procs::collect`] of [`Aggregator::job_input`]):
-    /// who the masters are, workers without files, and the job's CPU time. Returns the job's CPU
-    /// seconds, which never go down (see [`procs`]).
-    pub fn account(&mut self, table: &[procs::ProcStats]) -> f64 {
-        if self.cpu.account(table, procs::exists) {
-            self.totals.cpu_seconds = self.cpu.archived();
-            self.totals.cpu_bases = self.cpu.bases();
-            self.folds.touch();
-        }
-        let files: std::collections::HashSet<i32> =
-            self.workers.iter().filter_map(|w| i32::try_from(w.pid).ok()).collect();
-        let others = table.iter().filter(|p| p.kind.is_worker() && !files.contains(&p.pid));
-        self.other_workers = others.fold((0, 0), |(l, r), p| (l + 1, r + usize::from(p.ready)));
-        self.stats.live_workers = self.live_workers();
-        self.ever_seen |= self.stats.live_workers > 0;
-        self.cpu.total()
-    }
-
-    /// Pids of the live Python processes as of the last scan.
-    pub fn python_pids(&self) -> Vec<i32> {
-        let mut pids: Vec<i32> =
-            self.py.values().filter(|t| t.alive).filter_map(|t| t.file.name.pid()).collect();
-        pids.sort_unstable();
-        pids.dedup();
-        pids
     }
 
     /// Scans the directory, folds dead workers and returns the merged view plus self metrics;
@@ -515,144 +448,6 @@ impl Aggregator {
         self.stats.pending_removal = self.folds.doomed_count();
     }
 
-    fn open_python(&mut self, name: &str, pyname: py::PyName) {
-        let path = self.dir().join(name);
-        if let Some(b) = self.bad.get(name) {
-            if b.stamp == stamp(&path) {
-                return;
-            }
-        }
-        match PyFile::open(&path, pyname, &self.trust) {
-            Ok(file) => {
-                self.bad.remove(name);
-                self.py.insert(name.to_string(), PyTracked::new(file));
-            }
-            Err((reason, why)) => self.mark_bad(name, reason, &why),
-        }
-    }
-
-    /// A `.compact-*` file we are not following: a compaction interrupted by a crash. It continues
-    /// (or, if the archive already holds it, the file is just removed).
-    fn adopt_aside(&mut self, name: &str, original: &str) {
-        let path = self.dir().join(name);
-        let Some(pyname) = py::parse_name(original) else { return };
-        match PyFile::open(&path, pyname, &self.trust) {
-            Ok(file) => {
-                let id = format!("py:{original}:{}", file.dev_ino.1);
-                if self.folds.is_folded(&id) {
-                    // The archive holds it already; its removal was interrupted.
-                    if !self.read_only {
-                        self.folds.found(&id, name, path);
-                    }
-                    return;
-                }
-                let mut t = PyTracked::new(file);
-                let since = Instant::now().checked_sub(python::GRACE).unwrap_or_else(Instant::now);
-                t.aside = Some((self.dir().join(original), since));
-                self.py.insert(name.to_string(), t);
-            }
-            Err((reason, why)) => self.mark_bad(name, reason, &why),
-        }
-    }
-
-    fn refresh_python(&mut self) {
-        let mut failed = Vec::new();
-        let mut starts: HashMap<i32, bool> = HashMap::new();
-        // One /proc read per process, not per file (a Python process has several files).
-        let mut process_starts: HashMap<i32, Option<f64>> = HashMap::new();
-        // In name order: when two files define a metric differently, the same one wins every
-        // time, across restarts too.
-        let mut order: Vec<(&String, &mut PyTracked)> = self.py.iter_mut().collect();
-        order.sort_by(|a, b| a.0.cmp(b.0));
-        for (name, t) in order {
-            if let Err((reason, why)) = t.file.refresh(&mut self.keys) {
-                failed.push((name.clone(), reason, why));
-                continue;
-            }
-            t.map_new(&mut self.merger, &mut self.stats.conflicts);
-            t.alive = match t.file.name.pid() {
-                Some(pid) => {
-                    let start = *process_starts.entry(pid).or_insert_with(|| py::process_start(pid));
-                    py::file_alive(pid, start, t.file.created, t.file.dev_ino)
-                }
-                None => true, // an identifier that is not a pid: we cannot tell, keep it
-            };
-            if let (Some(pid), true) = (t.file.name.pid(), t.alive) {
-                starts.insert(pid, true);
-            }
-        }
-        self.stats.python_processes = starts.len();
-        for (name, reason, why) in failed {
-            self.mark_bad(&name, reason, &why);
-        }
-        if self.compact_python && !self.read_only {
-            self.compact_python_files();
-        }
-    }
-
-    /// One pass of the compaction protocol described in [`python`].
-    fn compact_python_files(&mut self) {
-        let names: Vec<String> = self.py.keys().cloned().collect();
-        for name in names {
-            let Some(t) = self.py.get_mut(&name) else { continue };
-            if t.keep || t.file.name.pid().is_none() {
-                continue;
-            }
-            match &t.aside {
-                None if !t.alive => {
-                    // Step 1: rename aside. From now on a process with this pid makes a new file.
-                    let aside_name = format!("{}{name}", python::ASIDE_PREFIX);
-                    let aside = self.dir.join(&aside_name);
-                    if std::fs::rename(t.file.path(), &aside).is_ok() {
-                        let original = t.file.path().to_path_buf();
-                        t.file.set_path(aside);
-                        t.aside = Some((original, Instant::now()));
-                        if let Some(t) = self.py.remove(&name) {
-                            self.py.insert(aside_name, t);
-                        }
-                    }
-                }
-                Some((original, since)) if since.elapsed() >= python::GRACE => {
-                    let original = original.clone();
-                    let pid = t.file.name.pid().unwrap_or(0);
-                    // Step 2: a process that reused the pid before the rename has the file open.
-                    if py::has_open(pid, t.file.dev_ino) {
-                        tracing::info!(file = %original.display(), "pid {pid} was reused and the \
-                            new process continues this file; not compacting it");
-                        if std::fs::hard_link(t.file.path(), &original).is_ok() {
-                            let _ = std::fs::remove_file(t.file.path());
-                            t.file.set_path(original);
-                        }
-                        t.aside = None;
-                        t.keep = true;
-                        continue;
-                    }
-                    // Step 3: fold (unless it is a live gauge file or already folded); the file is
-                    // removed once an archive recording the fold is saved. The id names the
-                    // original file, as `adopt_aside` does after a restart.
-                    let original_name = original.file_name().and_then(|n| n.to_str()).unwrap_or(&name);
-                    let id = format!("py:{original_name}:{}", t.file.dev_ino.1);
-                    if !t.is_live_gauge() && !self.folds.is_folded(&id) {
-                        if let Err(e) = t.file.refresh(&mut self.keys) {
-                            tracing::warn!(file = %name, "cannot read a dead Python file: {}", e.1);
-                            continue;
-                        }
-                        t.map_new(&mut self.merger, &mut self.stats.conflicts);
-                        if t.fold(&mut self.merger).is_err() {
-                            continue;
-                        }
-                        self.dead_since_rebuild += 1;
-                    }
-                    if let Some(t) = self.py.remove(&name) {
-                        self.totals.python_files_compacted += 1;
-                        self.folds.record(&id, &name, t.file.path().to_path_buf());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// A temp file whose lock is free is the leftover of a writer that died while creating it.
     /// Anything else under a temp name (a link, a FIFO, another user's file) is left alone.
     fn remove_stale_temp(&mut self, path: &Path) {
@@ -746,45 +541,6 @@ impl Aggregator {
         }
     }
 
-    fn collect_workers(&mut self) {
-        // A file that another file names as its parent is a master's, for as long as it lives.
-        let by_pid: HashMap<u64, [u8; 16]> =
-            self.files.values().filter(|t| !t.dead).map(|t| (t.file.pid, t.file.file_id)).collect();
-        for t in self.files.values().filter(|t| t.file.parent_pid != 0) {
-            if let Some(id) = by_pid.get(&t.file.parent_pid) {
-                self.master_files.insert(*id);
-            }
-        }
-        let live_ids: std::collections::HashSet<[u8; 16]> = by_pid.values().copied().collect();
-        self.master_files.retain(|id| live_ids.contains(id));
-        let masters = &self.master_files;
-        let mut workers: Vec<WorkerInfo> = self
-            .files
-            .values_mut()
-            .filter(|t| !t.dead)
-            .map(|t| WorkerInfo {
-                pid: t.file.pid,
-                start_time_ns: t.file.start_time_ns,
-                parent_pid: t.file.parent_pid,
-                ready: t.file.header_word(header::FLAGS) & layout::flags::READY != 0,
-                path: t.file.path().to_path_buf(),
-                master: masters.contains(&t.file.file_id),
-                shared_forks: t.file.header_word(header::SHARED_FORKS),
-            })
-            .collect();
-        workers.sort_by_key(|w| (w.start_time_ns, w.pid));
-        self.stats.live_dropped_series =
-            self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_SERIES)).sum();
-        self.stats.live_dropped_updates =
-            self.files.values_mut().map(|t| t.file.header_word(header::DROPPED_UPDATES)).sum();
-        self.stats.live_shared_forks =
-            self.files.values_mut().map(|t| t.file.header_word(header::SHARED_FORKS)).sum();
-        self.stats.totals = self.totals.clone();
-        self.workers = workers;
-        self.stats.live_workers = self.live_workers();
-        self.ever_seen |= self.stats.live_workers > 0;
-    }
-
     /// Drops merged series that only dead processes had (per-process gauges under churn).
     fn rebuild(&mut self) {
         self.merger = self.merger.rebuilt();
@@ -805,45 +561,6 @@ impl Aggregator {
             t.reset();
             t.map_new(&mut self.merger, &mut self.stats.conflicts);
         }
-    }
-
-    fn self_metrics(&self, snap: &mut Snapshot) {
-        let s = &self.stats;
-        let m = &self.self_meta;
-        let one = |meta: &Arc<FamilyMeta>, v: Value| SnapFamily {
-            meta: Arc::clone(meta),
-            series: vec![(Arc::clone(&m.no_labels), v)],
-        };
-        let mut fams = vec![
-            one(&m.scrape_seconds, Value::F64(s.last_scrape.as_secs_f64())),
-            one(&m.scrapes, Value::U64(s.scrapes)),
-            one(&m.merges, Value::U64(s.merges)),
-            one(&m.files, Value::F64(s.files as f64)),
-            one(&m.live, Value::F64(s.live_workers as f64)),
-            one(&m.dead, Value::U64(s.totals.dead_workers)),
-            one(&m.crashed, Value::U64(s.totals.crashed_workers)),
-            one(&m.series, Value::F64(s.series as f64)),
-            one(&m.conflicts, Value::F64(s.conflicts as f64)),
-            one(&m.bad_events, Value::U64(s.bad_file_events)),
-            one(&m.dropped_series, Value::U64(s.totals.dropped_series + s.live_dropped_series)),
-            one(&m.dropped_updates, Value::U64(s.totals.dropped_updates + s.live_dropped_updates)),
-            one(&m.shared_forks, Value::U64(s.totals.shared_forks + s.live_shared_forks)),
-            one(&m.python_files, Value::F64(s.python_files as f64)),
-            one(&m.python_processes, Value::F64(s.python_processes as f64)),
-            one(&m.python_folded, Value::U64(s.totals.python_files_compacted)),
-            one(&m.save_errors, Value::U64(s.archive_save_errors)),
-            one(&m.corrupt_archives, Value::F64(s.corrupt_archives as f64)),
-            one(&m.pending_removal, Value::F64(s.pending_removal as f64)),
-        ];
-        let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
-        for reason in BadReason::ALL {
-            let n = s.bad_files.get(&reason).copied().unwrap_or(0);
-            let labels = Arc::new(LabelSet::new(vec![("reason".to_string(), reason.as_str().to_string())]));
-            bad.series.push((labels, Value::F64(n as f64)));
-        }
-        fams.push(bad);
-        fams.sort_by(|a, b| a.meta.desc.name.cmp(&b.meta.desc.name));
-        snap.families.extend(fams);
     }
 }
 
@@ -925,156 +642,6 @@ fn remove_archive_temps(dir: &Path, trust: &Trust) {
         let p = dir.join(n);
         if crate::trust::open_read(&p, trust).is_ok() {
             let _ = std::fs::remove_file(&p);
-        }
-    }
-}
-
-/// Descriptions of the aggregator's own metrics.
-struct SelfMeta {
-    no_labels: Arc<LabelSet>,
-    scrape_seconds: Arc<FamilyMeta>,
-    scrapes: Arc<FamilyMeta>,
-    merges: Arc<FamilyMeta>,
-    files: Arc<FamilyMeta>,
-    live: Arc<FamilyMeta>,
-    dead: Arc<FamilyMeta>,
-    crashed: Arc<FamilyMeta>,
-    series: Arc<FamilyMeta>,
-    conflicts: Arc<FamilyMeta>,
-    bad_files: Arc<FamilyMeta>,
-    bad_events: Arc<FamilyMeta>,
-    dropped_series: Arc<FamilyMeta>,
-    dropped_updates: Arc<FamilyMeta>,
-    shared_forks: Arc<FamilyMeta>,
-    python_files: Arc<FamilyMeta>,
-    python_processes: Arc<FamilyMeta>,
-    python_folded: Arc<FamilyMeta>,
-    save_errors: Arc<FamilyMeta>,
-    corrupt_archives: Arc<FamilyMeta>,
-    pending_removal: Arc<FamilyMeta>,
-}
-
-fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
-    let label_names: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
-    Arc::new(FamilyMeta {
-        desc: MetricDesc {
-            name: name.to_string(),
-            help: help.to_string(),
-            metric_type: t,
-            value_type: if t == MetricType::Counter { ValueType::U64 } else { ValueType::F64 },
-            gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
-            label_names: label_names.clone(),
-            buckets: Vec::new(),
-        },
-        label_names,
-    })
-}
-
-impl SelfMeta {
-    fn new() -> SelfMeta {
-        use MetricType::{Counter, Gauge};
-        SelfMeta {
-            no_labels: Arc::new(LabelSet::default()),
-            scrape_seconds: meta(
-                "shmetrics_scrape_duration_seconds",
-                "Time the last scrape took to read and merge all files.",
-                Gauge,
-                &[],
-            ),
-            scrapes: meta("shmetrics_scrapes", "Scrapes served by this aggregator.", Counter, &[]),
-            merges: meta(
-                "shmetrics_merges",
-                "Merges of every file: concurrent scrapes share one (at most one runs at a time).",
-                Counter,
-                &[],
-            ),
-            files: meta("shmetrics_files", "Worker files followed in the last scrape.", Gauge, &[]),
-            live: meta("shmetrics_workers_live", "Workers alive in the last scrape.", Gauge, &[]),
-            dead: meta(
-                "shmetrics_workers_dead",
-                "Workers that exited and were folded into the archive.",
-                Counter,
-                &[],
-            ),
-            crashed: meta(
-                "shmetrics_workers_crashed",
-                "Dead workers that did not exit cleanly (killed or crashed).",
-                Counter,
-                &[],
-            ),
-            series: meta(
-                "shmetrics_series",
-                "Merged series exposed in the last scrape, without these self metrics.",
-                Gauge,
-                &[],
-            ),
-            conflicts: meta(
-                "shmetrics_metric_conflicts",
-                "Metric definitions skipped because another process defined the same name differently.",
-                Gauge,
-                &[],
-            ),
-            bad_files: meta(
-                "shmetrics_bad_files",
-                "Files in the directory skipped in the last scrape, by reason.",
-                Gauge,
-                &["reason"],
-            ),
-            bad_events: meta("shmetrics_bad_file_events", "Times a file was found unreadable.", Counter, &[]),
-            dropped_series: meta(
-                "shmetrics_dropped_series",
-                "Series workers could not register because a file or the disk was full.",
-                Counter,
-                &[],
-            ),
-            dropped_updates: meta(
-                "shmetrics_dropped_updates",
-                "Updates workers dropped because their series had no room.",
-                Counter,
-                &[],
-            ),
-            shared_forks: meta(
-                "shmetrics_shared_forks",
-                "Forked workers that could not create their own file (disk full) and write into their parent's.",
-                Counter,
-                &[],
-            ),
-            python_files: meta(
-                "shmetrics_python_files",
-                "Python prometheus_client files followed in the last scrape.",
-                Gauge,
-                &[],
-            ),
-            python_processes: meta(
-                "shmetrics_python_processes",
-                "Live processes among the Python prometheus_client files.",
-                Gauge,
-                &[],
-            ),
-            python_folded: meta(
-                "shmetrics_python_files_compacted",
-                "Dead Python processes' files folded into the archive (--compact-python).",
-                Counter,
-                &[],
-            ),
-            save_errors: meta(
-                "shmetrics_archive_save_errors",
-                "Archive saves that failed (disk full, I/O errors); dead workers' files are kept until one works.",
-                Counter,
-                &[],
-            ),
-            corrupt_archives: meta(
-                "shmetrics_archive_corrupt_files",
-                "Unusable archives set aside at start-up (archive.json.corrupt-*) still in the directory.",
-                Gauge,
-                &[],
-            ),
-            pending_removal: meta(
-                "shmetrics_files_pending_removal",
-                "Dead workers' files folded into the archive and waiting for it to be saved before removal.",
-                Gauge,
-                &[],
-            ),
         }
     }
 }

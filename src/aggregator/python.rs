@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{Merger, Part, Rule, Value};
+use crate::python as py;
 use crate::python::{PyFile, PyKind};
 use crate::reader::BadReason;
 
@@ -267,5 +268,147 @@ fn py_desc(
         gauge_mode: mode,
         label_names: labels.iter().map(|l| (*l).to_string()).collect(),
         buckets,
+    }
+}
+
+/// The aggregator's handling of Python files: opening, adopting renamed files, refreshing,
+/// compaction.
+impl super::Aggregator {
+    pub(super) fn open_python(&mut self, name: &str, pyname: py::PyName) {
+        let path = self.dir().join(name);
+        if let Some(b) = self.bad.get(name) {
+            if b.stamp == super::stamp(&path) {
+                return;
+            }
+        }
+        match PyFile::open(&path, pyname, &self.trust) {
+            Ok(file) => {
+                self.bad.remove(name);
+                self.py.insert(name.to_string(), PyTracked::new(file));
+            }
+            Err((reason, why)) => self.mark_bad(name, reason, &why),
+        }
+    }
+
+    /// A `.compact-*` file we are not following: a compaction interrupted by a crash. It continues
+    /// (or, if the archive already holds it, the file is just removed).
+    pub(super) fn adopt_aside(&mut self, name: &str, original: &str) {
+        let path = self.dir().join(name);
+        let Some(pyname) = py::parse_name(original) else { return };
+        match PyFile::open(&path, pyname, &self.trust) {
+            Ok(file) => {
+                let id = format!("py:{original}:{}", file.dev_ino.1);
+                if self.folds.is_folded(&id) {
+                    // The archive holds it already; its removal was interrupted.
+                    if !self.read_only {
+                        self.folds.found(&id, name, path);
+                    }
+                    return;
+                }
+                let mut t = PyTracked::new(file);
+                let since = Instant::now().checked_sub(GRACE).unwrap_or_else(Instant::now);
+                t.aside = Some((self.dir().join(original), since));
+                self.py.insert(name.to_string(), t);
+            }
+            Err((reason, why)) => self.mark_bad(name, reason, &why),
+        }
+    }
+
+    pub(super) fn refresh_python(&mut self) {
+        let mut failed = Vec::new();
+        let mut starts: HashMap<i32, bool> = HashMap::new();
+        // One /proc read per process, not per file (a Python process has several files).
+        let mut process_starts: HashMap<i32, Option<f64>> = HashMap::new();
+        // In name order: when two files define a metric differently, the same one wins every
+        // time, across restarts too.
+        let mut order: Vec<(&String, &mut PyTracked)> = self.py.iter_mut().collect();
+        order.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, t) in order {
+            if let Err((reason, why)) = t.file.refresh(&mut self.keys) {
+                failed.push((name.clone(), reason, why));
+                continue;
+            }
+            t.map_new(&mut self.merger, &mut self.stats.conflicts);
+            t.alive = match t.file.name.pid() {
+                Some(pid) => {
+                    let start = *process_starts.entry(pid).or_insert_with(|| py::process_start(pid));
+                    py::file_alive(pid, start, t.file.created, t.file.dev_ino)
+                }
+                None => true, // an identifier that is not a pid: we cannot tell, keep it
+            };
+            if let (Some(pid), true) = (t.file.name.pid(), t.alive) {
+                starts.insert(pid, true);
+            }
+        }
+        self.stats.python_processes = starts.len();
+        for (name, reason, why) in failed {
+            self.mark_bad(&name, reason, &why);
+        }
+        if self.compact_python && !self.read_only {
+            self.compact_python_files();
+        }
+    }
+
+    /// One pass of the compaction protocol described in [`python`].
+    pub(super) fn compact_python_files(&mut self) {
+        let names: Vec<String> = self.py.keys().cloned().collect();
+        for name in names {
+            let Some(t) = self.py.get_mut(&name) else { continue };
+            if t.keep || t.file.name.pid().is_none() {
+                continue;
+            }
+            match &t.aside {
+                None if !t.alive => {
+                    // Step 1: rename aside. From now on a process with this pid makes a new file.
+                    let aside_name = format!("{}{name}", ASIDE_PREFIX);
+                    let aside = self.dir.join(&aside_name);
+                    if std::fs::rename(t.file.path(), &aside).is_ok() {
+                        let original = t.file.path().to_path_buf();
+                        t.file.set_path(aside);
+                        t.aside = Some((original, Instant::now()));
+                        if let Some(t) = self.py.remove(&name) {
+                            self.py.insert(aside_name, t);
+                        }
+                    }
+                }
+                Some((original, since)) if since.elapsed() >= GRACE => {
+                    let original = original.clone();
+                    let pid = t.file.name.pid().unwrap_or(0);
+                    // Step 2: a process that reused the pid before the rename has the file open.
+                    if py::has_open(pid, t.file.dev_ino) {
+                        tracing::info!(file = %original.display(), "pid {pid} was reused and the \
+                            new process continues this file; not compacting it");
+                        if std::fs::hard_link(t.file.path(), &original).is_ok() {
+                            let _ = std::fs::remove_file(t.file.path());
+                            t.file.set_path(original);
+                        }
+                        t.aside = None;
+                        t.keep = true;
+                        continue;
+                    }
+                    // Step 3: fold (unless it is a live gauge file or already folded); the file is
+                    // removed once an archive recording the fold is saved. The id names the
+                    // original file, as `adopt_aside` does after a restart.
+                    let original_name = original.file_name().and_then(|n| n.to_str()).unwrap_or(&name);
+                    let id = format!("py:{original_name}:{}", t.file.dev_ino.1);
+                    if !t.is_live_gauge() && !self.folds.is_folded(&id) {
+                        if let Err(e) = t.file.refresh(&mut self.keys) {
+                            tracing::warn!(file = %name, "cannot read a dead Python file: {}", e.1);
+                            continue;
+                        }
+                        t.map_new(&mut self.merger, &mut self.stats.conflicts);
+                        if t.fold(&mut self.merger).is_err() {
+                            continue;
+                        }
+                        self.dead_since_rebuild += 1;
+                    }
+                    if let Some(t) = self.py.remove(&name) {
+                        self.totals.python_files_compacted += 1;
+                        self.folds.record(&id, &name, t.file.path().to_path_buf());
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
