@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use shmetrics::aggregator::BadReason;
 use shmetrics::aggregator::{Aggregator, Options};
 use shmetrics::expose::{self, Format};
-use shmetrics::reader::BadReason;
 
 /// Prefix of the aggregator's own metrics, left out of the sample-line count.
 const SELF_PREFIX: &str = "shmetrics_";

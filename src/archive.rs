@@ -47,7 +47,7 @@ pub struct Totals {
     /// Python prometheus_client files removed by `--compact-python`.
     #[serde(default)]
     pub python_files_compacted: u64,
-    /// CPU seconds of the job's processes that are gone (see [`crate::procs`]).
+    /// CPU seconds of the job's processes that are gone (see `crate::procs`).
     #[serde(default)]
     pub cpu_seconds: f64,
     /// CPU seconds of children that live masters had reaped before they were first seen, by

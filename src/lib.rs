@@ -72,14 +72,20 @@
 //!
 #![cfg_attr(
     feature = "aggregator",
-    doc = "[`layout`] (the on-disk format; the crate's `unsafe` code is in `layout::region`) → \
-           [`writer`] (worker side) and [`reader`] (aggregator side) → [`merge`] (job-wide view) \
-           with [`archive`] (dead workers) → [`aggregator`] (one directory, followed; [`dir`] \
-           holds its rules) → [`job`] (owns the aggregator and the only upkeep task, publishes \
-           views and exits, shares one merge among concurrent scrapes) → [`health`], [`report`] \
-           and [`alarm`] (pure functions and consumers of views) → [`server`] (HTTP and the \
-           monitor port). [`expose`] encodes snapshots (Prometheus text, OpenMetrics). Nothing \
-           imports a module to its right."
+    doc = "`layout` (the on-disk format; the crate's `unsafe` code is in `layout::region`, and one call in `cli`) → \
+           `writer` (worker side) and `reader`, `python` (aggregator side) → `merge` (job-wide \
+           view) with `archive` (dead workers) → `aggregator` (one directory, followed; `dir` \
+           holds its rules) → `job` (owns the aggregator and the only upkeep task, publishes \
+           views and exits, shares one merge among concurrent scrapes) → `health`, `report` \
+           and `alarm` (pure functions and consumers of views) → `server` (HTTP and the \
+           monitor port) → `cli`. `expose` encodes snapshots (Prometheus text, OpenMetrics). \
+           Nothing imports a module to its right.\n\n\
+           ## The aggregator's API\n\n\
+           Besides the writer, the public modules are the aggregator's, for embedding it or \
+           testing against it: [`aggregator`] (follow a directory, scrape it: [`aggregator::Aggregator`]), \
+           [`expose`] (encode a snapshot), [`alarm`] (alarm configuration and pipeline), \
+           [`server`] (the ports' limits) and [`cli`] (the `shmetrics` command). \
+           Everything else is private to the crate."
 )]
 #![cfg_attr(
     not(feature = "aggregator"),
@@ -100,33 +106,35 @@ pub mod aggregator;
 #[cfg(feature = "aggregator")]
 pub mod alarm;
 #[cfg(feature = "aggregator")]
-pub mod archive;
+pub(crate) mod archive;
 #[cfg(feature = "aggregator")]
-pub mod client;
+pub mod cli;
 #[cfg(feature = "aggregator")]
-pub mod dir;
+pub(crate) mod client;
+#[cfg(feature = "aggregator")]
+pub(crate) mod dir;
 #[cfg(feature = "aggregator")]
 pub mod expose;
 #[cfg(feature = "aggregator")]
-pub mod health;
+pub(crate) mod health;
 #[cfg(feature = "aggregator")]
-pub mod job;
+pub(crate) mod job;
 #[cfg(feature = "aggregator")]
-pub mod merge;
+pub(crate) mod merge;
 #[cfg(feature = "aggregator")]
-pub mod procs;
+pub(crate) mod procs;
 #[cfg(feature = "aggregator")]
-pub mod python;
+pub(crate) mod python;
 #[cfg(feature = "aggregator")]
-pub mod reader;
+pub(crate) mod reader;
 #[cfg(feature = "aggregator")]
-pub mod report;
+pub(crate) mod report;
 #[cfg(feature = "aggregator")]
-pub mod samples;
+pub(crate) mod samples;
 #[cfg(feature = "aggregator")]
 pub mod server;
 #[cfg(feature = "aggregator")]
-pub mod trust;
+pub(crate) mod trust;
 
 pub use error::{Error, Result};
 pub use layout::GaugeMode;

@@ -103,13 +103,9 @@ impl KeyCache {
     }
 
     /// Number of distinct keys parsed.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    /// Whether no key was parsed yet.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 }
 
@@ -236,11 +232,6 @@ impl PyFile {
     /// Records that the file was renamed (compaction moves it aside first).
     pub fn set_path(&mut self, path: PathBuf) {
         self.path = path;
-    }
-
-    /// The detected entry layout, once known.
-    pub fn entry_size(&self) -> Option<EntrySize> {
-        self.size
     }
 
     /// Parses entries appended since the last call; returns the index of the first new entry.

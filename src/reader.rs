@@ -68,7 +68,7 @@ impl BadReason {
         BadReason::Version,
     ];
 
-    /// Why [`crate::trust::open_read`] refused a file, as a reason and a message.
+    /// Why `crate::trust::open_read` refused a file, as a reason and a message.
     pub fn refused(r: &crate::trust::Refused) -> (BadReason, String) {
         use crate::trust::Refused;
         let reason = match r {

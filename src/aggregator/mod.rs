@@ -5,7 +5,7 @@
 //!    be read are remembered as bad (and re-examined only when their size or mtime changes);
 //! 2. parses records each file appended since the last scrape and maps new series to merged ones;
 //! 3. tests each writer's lock: a dead writer's final values are folded into the archive, the
-//!    archive is saved durably, and only then is the file removed ([`folds`], [`crate::archive`]);
+//!    archive is saved durably, and only then is the file removed (`folds`, `crate::archive`);
 //! 4. starts from the archived values and combines every live file's slots into them;
 //! 5. appends the aggregator's own metrics.
 //!
@@ -16,15 +16,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::archive::{self, Totals};
-use crate::dir::{self, DirLock, Startup};
+use crate::archive;
+use crate::dir::{self, DirLock};
 use crate::error::Result;
 use crate::layout::{self, header, GaugeMode, MetricType};
-use crate::merge::{Merger, Snapshot};
+use crate::merge::Merger;
 use crate::procs;
 use crate::python::{self as py, KeyCache};
-use crate::reader::{BadReason, WorkerFile};
+use crate::reader::WorkerFile;
 use crate::trust::Trust;
+
+pub use crate::archive::Totals;
+pub use crate::dir::Startup;
+pub use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Snapshot, Value};
+pub use crate::reader::BadReason;
 
 mod folds;
 mod python;
@@ -135,10 +140,10 @@ pub struct Options {
     /// aggregator): dead workers' files are read as they are instead of being folded.
     pub read_only: bool,
     /// Fold dead Python processes' files into the archive and remove them (see
-    /// [`python`](self::python) for why that is safe).
+    /// `python` for why that is safe).
     pub compact_python: bool,
     /// The directory is deliberately shared between users: accept it although another user owns
-    /// it or may write to it (see [`crate::trust::check_dir`]).
+    /// it or may write to it (see `crate::trust::check_dir`).
     pub shared_dir: bool,
 }
 

@@ -21,7 +21,7 @@ impl Aggregator {
 
     /// Ready workers: shmetrics workers that set their ready flag (as of the last scan), plus the
     /// other workers found at the last [`Aggregator::account`] that count as ready (Python workers,
-    /// which have no way to say so, and workers forked without a file; see [`procs`]). Masters are
+    /// which have no way to say so, and workers forked without a file; see `procs`). Masters are
     /// not workers.
     pub fn ready_workers(&self) -> usize {
         self.workers.iter().filter(|w| w.ready && !w.master).count() + self.other_workers.1
@@ -32,7 +32,7 @@ impl Aggregator {
         self.workers.iter().filter(|w| !w.master).count() + self.other_workers.0
     }
 
-    /// What [`procs::collect`] needs to know of the job.
+    /// What `procs::collect` needs to know of the job.
     pub fn job_input(&self) -> procs::JobInput {
         procs::JobInput {
             files: self
@@ -51,9 +51,9 @@ impl Aggregator {
         }
     }
 
-    /// Takes in a fresh look at the job's processes ([`procs::collect`] of [`Aggregator::job_input`]):
+    /// Takes in a fresh look at the job's processes (`procs::collect` of `Aggregator::job_input`):
     /// who the masters are, workers without files, and the job's CPU time. Returns the job's CPU
-    /// seconds, which never go down (see [`procs`]).
+    /// seconds, which never go down (see `procs`).
     pub fn account(&mut self, table: &[procs::ProcStats]) -> f64 {
         if self.cpu.account(table, procs::exists) {
             self.totals.cpu_seconds = self.cpu.archived();

@@ -289,7 +289,7 @@ pub fn parse_size(t: &str) -> Option<u64> {
 /// (at a reload the old configuration stays in force), with a message naming the key and saying
 /// what is allowed. Rules and actions only ever see `Duration`s.
 ///
-/// Every seconds field of [`AlarmConfig`] is read through [`seconds_key!`], which adds the key to
+/// Every seconds field of `AlarmConfig` is read through `seconds_key!`, which adds the key to
 /// the message (toml cannot point at keys inside `[actions.*]`: their sections are buffered for
 /// the `type` tag) and, for the fields that must be more than 0, refuses 0.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]

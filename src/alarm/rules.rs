@@ -1,6 +1,6 @@
 //! Turning what the aggregator sees into alarms.
 //!
-//! The rules consume the job core ([`crate::job`]): its feed of worker exits (every exit exactly
+//! The rules consume the job core (`crate::job`): its feed of worker exits (every exit exactly
 //! once, whoever else reads exits) and its latest view. They never scan the directory themselves;
 //! thresholds read a merged scrape, which shares a merge with any scrape in flight.
 //!

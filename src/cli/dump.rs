@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::aggregator::{Aggregator, Options};
+use crate::expose::{self, Format};
+use crate::merge::{Snapshot, Value};
+use crate::samples;
 use clap::ValueEnum;
-use shmetrics::aggregator::{Aggregator, Options};
-use shmetrics::expose::{self, Format};
-use shmetrics::merge::{Snapshot, Value};
-use shmetrics::samples;
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, ValueEnum)]

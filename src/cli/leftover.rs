@@ -9,7 +9,7 @@
 //! - its name is ours (`shmetrics-` and six letters or digits, as [`create`] makes them) and it is
 //!   a real directory (not a symlink), owned by our effective uid, with mode 0700;
 //! - every entry in it is a regular file (no symlink, FIFO, subdirectory …) owned by us, with a name
-//!   we know ([`shmetrics::dir::is_ours`]): we never delete what we do not understand;
+//!   we know ([`crate::dir::is_ours`]): we never delete what we do not understand;
 //! - nobody holds its `aggregator.lock` (we take the lock ourselves, and keep it while removing), and
 //!   the lock file names the pid of the aggregator that held it (`pid N`). An aggregator writes
 //!   that only once it holds the lock, so a free lock with a pid in it belongs to an aggregator that
@@ -33,11 +33,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::dir::{is_ours, LOCK_FILE};
 use anyhow::Context;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
-use shmetrics::dir::{is_ours, LOCK_FILE};
 
 /// The name of a private directory: this prefix and [`RANDOM`] random letters or digits.
 const PREFIX: &str = "shmetrics-";
@@ -205,12 +205,12 @@ fn remove_if_stale(base: &OwnedFd, name: &OsStr) -> anyhow::Result<Result<usize,
             Ok(f) => f,
             Err(why) => return Ok(Err(why)),
         };
-        if shmetrics::layout::is_writer_file(text) || shmetrics::layout::is_writer_temp(text) {
+        if crate::layout::is_writer_file(text) || crate::layout::is_writer_temp(text) {
             if held(&file) {
                 return Ok(Err(format!("a live process still writes {text}")));
             }
-        } else if let Some(pid) = shmetrics::python::parse_name(text).as_ref().and_then(|p| p.pid()) {
-            if shmetrics::python::pid_alive(pid, meta.created().ok(), (meta.dev(), meta.ino())) {
+        } else if let Some(pid) = crate::python::parse_name(text).as_ref().and_then(|p| p.pid()) {
+            if crate::python::pid_alive(pid, meta.created().ok(), (meta.dev(), meta.ino())) {
                 return Ok(Err(format!("process {pid} of {text} is alive")));
             }
         }

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shmetrics::alarm::supervisor::{self, Frame, Listener};
-use shmetrics::alarm::{AlarmConfig, Pipeline};
+use crate::alarm::supervisor::{self, Frame, Listener};
+use crate::alarm::{AlarmConfig, Pipeline};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 

@@ -1,5 +1,5 @@
 //! Command-line front end. `anyhow` lives here only: the library returns typed errors, the binary
-//! turns them into one clear message and an exit status.
+//! turns them into one clear message and an exit status. [`main`] is the `shmetrics` binary.
 
 mod child;
 mod ctl;
@@ -123,7 +123,7 @@ struct RunArgs {
 /// A number of seconds, more than 0 and at most a year (`1e20` or `inf` would panic in
 /// `Duration::from_secs_f64`).
 fn positive_secs(s: &str) -> Result<Duration, String> {
-    shmetrics::alarm::config::Seconds::parse_positive(s)
+    crate::alarm::config::Seconds::parse_positive(s)
 }
 
 impl AggregatorArgs {
@@ -141,13 +141,13 @@ impl AggregatorArgs {
         })
     }
 
-    fn health(&self) -> shmetrics::health::HealthConfig {
-        let warmup_url = self.warmup_url.clone().filter(|_| !shmetrics::server::warmup::disabled_by_env());
-        shmetrics::health::HealthConfig { min_workers: self.min_workers, warmup_url }
+    fn health(&self) -> crate::health::HealthConfig {
+        let warmup_url = self.warmup_url.clone().filter(|_| !crate::server::warmup::disabled_by_env());
+        crate::health::HealthConfig { min_workers: self.min_workers, warmup_url }
     }
 
-    fn options(&self) -> shmetrics::aggregator::Options {
-        shmetrics::aggregator::Options {
+    fn options(&self) -> crate::aggregator::Options {
+        crate::aggregator::Options {
             read_only: false,
             wipe: self.wipe,
             keep: self.keep,
@@ -202,8 +202,8 @@ struct Servers {
     /// Where /metrics is served (the bound address, also when the port was 0).
     http_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
-    job: std::sync::Arc<shmetrics::job::Job>,
-    alarms: Option<std::sync::Arc<shmetrics::alarm::Pipeline>>,
+    job: std::sync::Arc<crate::job::Job>,
+    alarms: Option<std::sync::Arc<crate::alarm::Pipeline>>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -211,7 +211,7 @@ struct Servers {
 
 impl Servers {
     /// Binds both ports (a clear error if one is taken) and starts everything.
-    async fn start(agg: shmetrics::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
+    async fn start(agg: crate::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
         use anyhow::Context;
         let (http_addr, mon_addr) = (args.listen(), args.monitor());
         let http = listen(http_addr).with_context(|| {
@@ -222,19 +222,18 @@ impl Servers {
         })?;
         let alarms = match &args.config {
             Some(path) => {
-                let config = shmetrics::alarm::AlarmConfig::load(path)?;
-                Some(shmetrics::alarm::Pipeline::start(config))
+                let config = crate::alarm::AlarmConfig::load(path)?;
+                Some(crate::alarm::Pipeline::start(config))
             }
             None => None,
         };
-        let job = shmetrics::job::Job::new(agg, args.upkeep());
+        let job = crate::job::Job::new(agg, args.upkeep());
         let process_metrics = match args.process_metrics {
-            ProcessMetricsArg::All => shmetrics::report::ProcessMetrics::All,
-            ProcessMetricsArg::Job => shmetrics::report::ProcessMetrics::Job,
-            ProcessMetricsArg::None => shmetrics::report::ProcessMetrics::None,
+            ProcessMetricsArg::All => crate::report::ProcessMetrics::All,
+            ProcessMetricsArg::Job => crate::report::ProcessMetrics::Job,
+            ProcessMetricsArg::None => crate::report::ProcessMetrics::None,
         };
-        let state =
-            shmetrics::server::State::new(job.clone(), args.health(), process_metrics, alarms.clone());
+        let state = crate::server::State::new(job.clone(), args.health(), process_metrics, alarms.clone());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -242,13 +241,13 @@ impl Servers {
         let (http_addr, monitor_addr) = (http.local_addr()?, mon.local_addr()?);
         tracing::info!("monitor port on {monitor_addr}");
         let tasks = vec![
-            tokio::spawn(shmetrics::server::http::serve(http, state.clone(), until(rx.clone()))),
-            tokio::spawn(shmetrics::server::monitor::serve(mon, state.clone(), until(rx))),
+            tokio::spawn(crate::server::http::serve(http, state.clone(), until(rx.clone()))),
+            tokio::spawn(crate::server::monitor::serve(mon, state.clone(), until(rx))),
         ];
         let mut background =
             vec![tokio::spawn(job.clone().run_upkeep()), tokio::spawn(state.clone().run_warmup())];
         if let Some(p) = &alarms {
-            background.push(tokio::spawn(shmetrics::alarm::rules::run(job.clone(), p.clone())));
+            background.push(tokio::spawn(crate::alarm::rules::run(job.clone(), p.clone())));
         }
         Ok(Servers { http_addr, stop, job, tasks, background, alarms, config: args.config.clone() })
     }
@@ -257,7 +256,7 @@ impl Servers {
     /// and the configuration in force is kept; rule state and pending alarms are kept either way.
     fn reload(&self) {
         let (Some(p), Some(path)) = (&self.alarms, &self.config) else { return };
-        match shmetrics::alarm::AlarmConfig::load(path) {
+        match crate::alarm::AlarmConfig::load(path) {
             Ok(c) => {
                 p.reload(c);
                 tracing::info!(config = %path.display(), "alarm configuration reloaded");
@@ -306,8 +305,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 /// connections would make `accept` fail, and refuse health checks with it. Children started
 /// before this keep the limit they inherited (`run` calls it after starting its command).
 fn raise_open_files_limit() {
+    use crate::server::{http, monitor};
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    use shmetrics::server::{http, monitor};
     // Both ports full, plus worker files, listeners, logs and pipes.
     let wanted = (monitor::MAX_CONNECTIONS
         + monitor::MAX_REJECTING

@@ -12,10 +12,10 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 
+use crate::aggregator::Aggregator;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use shmetrics::aggregator::Aggregator;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::{RunArgs, Servers};

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use shmetrics::aggregator::Aggregator;
+use crate::aggregator::Aggregator;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::{ServeArgs, Servers};

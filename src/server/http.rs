@@ -5,9 +5,9 @@
 //!
 //! # Many scrapers, one merge
 //!
-//! A scrape asks the job core ([`crate::job::Job::scrape`]), which shares one merge among every
+//! A scrape asks the job core (`crate::job::Job::scrape`), which shares one merge among every
 //! scrape that arrives while it runs. The response body is shared the same way: it is built once
-//! per merged snapshot, view and wire format ([`Bodies`]), and every request that got the same
+//! per merged snapshot, view and wire format (`Bodies`), and every request that got the same
 //! snapshot sends the same bytes. So 1,000 concurrent scrapers cost a few merges and encodings, not
 //! 1,000 (BENCHMARKS.md, section (f)).
 //!
@@ -68,7 +68,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a response write may make no progress before the connection is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once. Connections that got the same merge share one response body (see
-/// [`Bodies`]), so a connection costs its descriptor and hyper's buffers, not a copy of
+/// `Bodies`), so a connection costs its descriptor and hyper's buffers, not a copy of
 /// `/metrics`: 1,000 scrapers at once are all served (the limit was 64 while every connection
 /// held a body of its own).
 pub const MAX_CONNECTIONS: usize = 1024;

@@ -1,8 +1,8 @@
 //! The aggregator's ports: HTTP (`/metrics`, `/healthz`, `/perf_metrics`) and the zc.monitor-style
 //! monitor port, plus the one request the aggregator makes itself (warmup).
 //!
-//! This is the top of the operations side: it reads the job core's views ([`crate::job`]) and
-//! answers with [`crate::health`] and [`crate::report`]; nothing below imports it. [`State`] is
+//! This is the top of the operations side: it reads the job core's views (`crate::job`) and
+//! answers with `crate::health` and `crate::report`; nothing below imports it. `State` is
 //! what both ports share.
 //!
 //! - [`http`]: hyper 1, content negotiation, gzip, connection and request limits;

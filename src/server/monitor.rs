@@ -18,7 +18,7 @@
 //! - Errors of our own (bad arguments, limits) are one line starting with `Error: `.
 //!
 //! Commands: `health_check` (the health message, `OK` when the job can serve, see
-//! [`crate::health`]), `perf_metrics [db|-] [interval]` (one line of JSON), `monitor` (what is
+//! `crate::health`), `perf_metrics [db|-] [interval]` (one line of JSON), `monitor` (what is
 //! running), `help [command]`, `interactive`, `quit`.
 //!
 //! # Limits

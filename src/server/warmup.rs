@@ -12,7 +12,7 @@ pub fn disabled_by_env() -> bool {
         .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off"))
 }
 
-/// GETs an `http://` URL (through [`crate::client`]) and returns the status code.
+/// GETs an `http://` URL (through `crate::client`) and returns the status code.
 pub async fn get(url: &str, timeout: Duration) -> Result<u16, String> {
     let answer = crate::client::send(hyper::Method::GET, url, None, "shmetrics-warmup", timeout).await?;
     Ok(answer.status)

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use shmetrics::aggregator::Startup;
 use shmetrics::aggregator::{Aggregator, Options};
-use shmetrics::dir::Startup;
 use shmetrics::expose::{self, Format};
 use shmetrics::writer::Registry;
 
