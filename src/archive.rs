@@ -24,6 +24,9 @@ use crate::layout::{GaugeMode, MetricDesc, MetricType, ValueType};
 use crate::merge::{Merger, Value};
 use crate::trust::{Refused, Trust};
 
+/// Name of the archive file in the multiproc directory.
+pub const FILE: &str = "archive.json";
+
 /// Archive format version.
 const VERSION: u32 = 1;
 
@@ -176,7 +179,7 @@ pub(crate) struct Loaded {
 /// module docs) and reported in [`Loaded::set_aside`]; only an archive that cannot even be opened
 /// or moved (permissions) is an error.
 pub(crate) fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loaded> {
-    let path = dir.join(crate::dir::ARCHIVE_FILE);
+    let path = dir.join(FILE);
     let file = match read(&path, trust) {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(Loaded::default()),
@@ -192,7 +195,7 @@ pub(crate) fn load(dir: &Path, trust: &Trust, merger: &mut Merger) -> Result<Loa
 /// [`load`] for an aggregator that changes nothing in the directory (`shmetrics dump`): an unusable
 /// archive is only reported in the log, and read as empty.
 pub(crate) fn load_read_only(dir: &Path, trust: &Trust, merger: &mut Merger) -> Loaded {
-    let path = dir.join(crate::dir::ARCHIVE_FILE);
+    let path = dir.join(FILE);
     match read(&path, trust) {
         Ok(Some(file)) if file.version == VERSION => fill(file, merger),
         Ok(None) => Loaded::default(),
@@ -244,7 +247,7 @@ pub(crate) fn parses(file: std::fs::File, meta: &std::fs::Metadata) -> bool {
 }
 
 fn set_aside(dir: &Path, path: &Path, why: String) -> Result<Loaded> {
-    let aside = crate::trust::aside_name(dir, crate::dir::ARCHIVE_FILE, "corrupt");
+    let aside = crate::trust::aside_name(dir, FILE, "corrupt");
     std::fs::rename(path, &aside).map_err(|e| Error::io(path, e))?;
     Ok(Loaded { set_aside: Some((aside, why)), ..Loaded::default() })
 }
@@ -278,5 +281,5 @@ pub(crate) fn save(dir: &Path, merger: &Merger, totals: &Totals, folded: &[Strin
     }
     let file = File { version: VERSION, totals: totals.clone(), folded: folded.to_vec(), families };
     let bytes = serde_json::to_vec(&file).map_err(|e| Error::Corrupt(format!("archive: {e}")))?;
-    crate::trust::replace(dir, crate::dir::ARCHIVE_FILE, &bytes)
+    crate::trust::replace(dir, FILE, &bytes)
 }

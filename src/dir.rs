@@ -30,8 +30,8 @@ use crate::trust::{self, Trust};
 
 /// Name of the lock file the aggregator holds.
 pub const LOCK_FILE: &str = "aggregator.lock";
-/// Name of the persisted archive of dead workers.
-pub const ARCHIVE_FILE: &str = "archive.json";
+/// Name of the persisted archive of dead workers (defined by the archive, which sits below).
+pub use crate::archive::FILE as ARCHIVE_FILE;
 /// A writer's temporary file younger than this may belong to a writer that has not locked it yet.
 pub const TEMP_GRACE: Duration = Duration::from_secs(10);
 

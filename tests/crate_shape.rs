@@ -71,3 +71,90 @@ fn writer_alone_has_no_aggregator_dependency() {
         leaked.join(", ")
     );
 }
+
+/// The modules, lowest first: data flows up this list, and a module may use only modules before
+/// it (README, "Code map"). `client` is a leaf (the one HTTP client) that alarms and the server
+/// use.
+const LAYERS: &[&str] = &[
+    "error",
+    "layout",
+    "writer",
+    "trust",
+    "procs",
+    "client",
+    "reader",
+    "python",
+    "merge",
+    "expose",
+    "samples",
+    "archive",
+    "dir",
+    "aggregator",
+    "job",
+    "health",
+    "alarm",
+    "report",
+    "server",
+    "cli",
+];
+
+/// The top-level module a source file belongs to (`src/aggregator/python.rs` → `aggregator`).
+fn module_of(path: &std::path::Path, src: &std::path::Path) -> Option<String> {
+    let rel = path.strip_prefix(src).ok()?;
+    let first = rel.components().next()?.as_os_str().to_str()?;
+    Some(first.trim_end_matches(".rs").to_string())
+}
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read src").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// No module imports one above it: every `crate::<module>` in a module's files (comments left
+/// out) names a module before it in [`LAYERS`]. Fails naming each offending file and reference.
+#[test]
+fn no_module_imports_one_above_it() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let rank = |m: &str| LAYERS.iter().position(|l| *l == m);
+    let mut wrong = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &files {
+        let Some(module) = module_of(f, &src) else { continue };
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        seen.insert(module.clone());
+        let Some(me) = rank(&module) else {
+            wrong.push(format!("{}: module {module} is not in LAYERS", f.display()));
+            continue;
+        };
+        let text = std::fs::read_to_string(f).expect("read");
+        for line in text.lines() {
+            let code = line.split("//").next().unwrap_or("");
+            for part in code.split("crate::").skip(1) {
+                let target: String =
+                    part.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                if target.is_empty() {
+                    continue; // `crate::Result`, `crate::Error`: the root's re-exports of `error`
+                }
+                match rank(&target) {
+                    Some(t) if t <= me => {}
+                    Some(_) => wrong
+                        .push(format!("{}: {module} uses crate::{target}, which is above it", f.display())),
+                    None => wrong.push(format!("{}: crate::{target} is not in LAYERS", f.display())),
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "the module layers are broken:\n  {}", wrong.join("\n  "));
+    let listed: std::collections::BTreeSet<String> = LAYERS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(seen, listed, "LAYERS lists exactly the modules in src/");
+}
