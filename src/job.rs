@@ -73,6 +73,19 @@ pub struct JobView {
 /// Shortest time between two looks at the job's processes in `/proc` by the upkeep task.
 pub const PROCS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many times the last look's duration must have passed before new writers prompt another
+/// look: with hundreds of processes a look takes tens of milliseconds, and under worker churn
+/// there is a new writer at every pass. (While the job is booting, every new writer is looked
+/// at: health must not say "booting" about a job whose files a scrape has already served.)
+const LOOK_GAP_FACTOR: u32 = 10;
+
+/// When the last look at `/proc` started, how long it took, and the writers' pids it was for.
+struct LastLook {
+    at: Instant,
+    took: Duration,
+    pids: std::collections::HashSet<u64>,
+}
+
 /// A merge result shared by every scrape that waited for it (`None`: the merge failed).
 type Merged = Option<Arc<Snapshot>>;
 
@@ -89,8 +102,8 @@ pub struct Job {
     wake: Notify,
     /// Serializes publishing, so generations only grow.
     publishing: Mutex<()>,
-    /// When the last look at `/proc` started, and the writers' pids it was for.
-    last_look: Mutex<Option<(Instant, std::collections::HashSet<u64>)>>,
+    /// The last look at `/proc`.
+    last_look: Mutex<Option<LastLook>>,
     interval: Duration,
 }
 
@@ -206,21 +219,35 @@ impl Job {
 
     /// Whether to look at `/proc` now: `asked`, or the last look is [`PROCS_INTERVAL`] old, or a
     /// process wrote its first file since the last look (a master must be seen before it reaps
-    /// its first workers, see [`procs`], and new workers should show up at once). A look counts
-    /// as started when this says yes.
+    /// its first workers, see [`procs`], and new workers should show up at once) and the last
+    /// look is ten times its own duration old, or no worker was seen yet. A look counts as
+    /// started when this says yes.
     fn look_wanted(&self, a: &Aggregator, asked: bool) -> bool {
         let mut last = lock(&self.last_look);
-        let since = last.as_ref().map(|(t, _)| t.elapsed());
         let writers = || {
             let python = a.python_pids().into_iter().filter_map(|p| u64::try_from(p).ok());
             a.workers().iter().map(|w| w.pid).chain(python)
         };
-        let newcomer = || last.as_ref().is_some_and(|(_, pids)| writers().any(|p| !pids.contains(&p)));
-        let want = asked || since.is_none_or(|d| d >= PROCS_INTERVAL) || newcomer();
+        let want = match last.as_ref() {
+            None => true,
+            Some(l) => {
+                let since = l.at.elapsed();
+                let due = since >= l.took * LOOK_GAP_FACTOR || !a.workers_ever_seen();
+                asked || since >= PROCS_INTERVAL || (due && writers().any(|p| !l.pids.contains(&p)))
+            }
+        };
         if want {
-            *last = Some((Instant::now(), writers().collect()));
+            let took = last.as_ref().map_or(Duration::ZERO, |l| l.took);
+            *last = Some(LastLook { at: Instant::now(), took, pids: writers().collect() });
         }
         want
+    }
+
+    /// Records how long the look that just ended took.
+    fn looked(&self, took: Duration) {
+        if let Some(l) = lock(&self.last_look).as_mut() {
+            l.took = took;
+        }
     }
 
     /// One pass (blocking: file and `/proc` I/O): scans the directory (merging if `merge`, the
@@ -243,7 +270,9 @@ impl Job {
         });
         if let Some(input) = input {
             // Outside the lock: reading smaps_rollup walks each process's page tables.
+            let started = Instant::now();
             let table = procs::collect(&input);
+            self.looked(started.elapsed());
             self.with(|a| {
                 let cpu = a.account(&table);
                 self.publish(a, Some((table, cpu)));
