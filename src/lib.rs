@@ -72,7 +72,7 @@
 //!
 #![cfg_attr(
     feature = "aggregator",
-    doc = "`layout` (the on-disk format; the crate's `unsafe` code is in `layout::region`, and one call in `cli`) → \
+    doc = "`layout` (the on-disk format; the crate's `unsafe` code is in `layout::region`, the C ABI `ffi` and one call in `cli`) → \
            `writer` (worker side) and `reader`, `python` (aggregator side) → `merge` (job-wide \
            view) with `archive` (dead workers) → `aggregator` (one directory, followed; `dir` \
            holds its rules) → `job` (owns the aggregator and the only upkeep task, publishes \
@@ -97,6 +97,7 @@
 
 // The writer: all a worker needs, built with or without the `aggregator` feature.
 mod error;
+pub mod ffi;
 pub mod layout;
 pub mod writer;
 

@@ -79,6 +79,7 @@ const LAYERS: &[&str] = &[
     "error",
     "layout",
     "writer",
+    "ffi",
     "trust",
     "procs",
     "client",

@@ -4,6 +4,7 @@ mod util;
 
 mod alarm_actions;
 mod alarms;
+mod c_abi;
 mod demo;
 mod dir_rules;
 mod formats;

@@ -1,0 +1,418 @@
+//! The C ABI: what C, and through it PHP (FFI), Ruby (fiddle), Node (ffi) or Perl, call to write
+//! metrics into the native format. Declared in `include/shmetrics.h`; built as
+//! `libshmetrics.so` and `libshmetrics.a` by `cargo build --release`.
+//!
+//! # Why a thin layer over the writer
+//!
+//! Everything that makes the Rust writer right — one file per process, a file of its own for each
+//! forked child (fork handlers), the clean-exit flag at `exit()`, drops counted on a full disk —
+//! holds for C callers too, because these functions call it and nothing else. What this layer adds
+//! is what the boundary needs: opaque handles (`Box`es the caller frees), error codes plus a
+//! per-thread message ([`shm_last_error`]), no panic crossing into C (every entry point catches
+//! them), and null or non-UTF-8 arguments refused instead of trusted.
+//!
+//! # Thread and fork safety
+//!
+//! Every function may be called from any thread. Updates through a handle are single atomic
+//! operations on shared memory (no lock, no allocation, no syscall). A process that forks keeps
+//! its handles: in the child they write into the child's own file (or, on a full disk, into the
+//! parent's, counted), exactly as for Rust workers. Free a handle once, from one thread, when no
+//! other thread uses it.
+//!
+//! The only `unsafe` outside `layout` and `cli::child` is here: reading C strings and arrays
+//! through the pointers the caller passes, and taking back the `Box`es it frees. Each function's
+//! contract (valid, NUL-terminated strings; arrays of the stated length; handles from this
+//! library, freed once) is in the header.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_double, c_int, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::writer::{Counter, Gauge, Histogram, Registry};
+use crate::{Error, GaugeMode};
+
+/// Success.
+pub const SHM_OK: c_int = 0;
+/// A required pointer was null, or a string was not UTF-8.
+pub const SHM_ERR_ARGUMENT: c_int = 1;
+/// An invalid metric name, label name or value, bucket list or gauge mode.
+pub const SHM_ERR_INVALID: c_int = 2;
+/// The number of label values does not match the metric's label names.
+pub const SHM_ERR_LABELS: c_int = 3;
+/// The name is already registered with another type, help, labels or buckets.
+pub const SHM_ERR_CONFLICT: c_int = 4;
+/// Anything else (a bug: the message says what); the process is not harmed.
+pub const SHM_ERR_INTERNAL: c_int = 99;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn fail(code: c_int, msg: String) -> c_int {
+    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+    code
+}
+
+fn code_of(e: &Error) -> c_int {
+    match e {
+        Error::InvalidName(_)
+        | Error::InvalidLabelName(_)
+        | Error::InvalidLabelValue(_)
+        | Error::InvalidBuckets(_) => SHM_ERR_INVALID,
+        Error::LabelCount { .. } => SHM_ERR_LABELS,
+        Error::Conflict { .. } => SHM_ERR_CONFLICT,
+        _ => SHM_ERR_INTERNAL,
+    }
+}
+
+/// Runs `f`, turning its error or panic into a code and the thread's message.
+fn guarded(f: impl FnOnce() -> Result<(), (c_int, String)>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => SHM_OK,
+        Ok(Err((code, msg))) => fail(code, msg),
+        Err(_) => fail(SHM_ERR_INTERNAL, "internal error (a panic, caught); please report it".into()),
+    }
+}
+
+/// # Safety
+/// `p` is null or a valid NUL-terminated string.
+unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, (c_int, String)> {
+    if p.is_null() {
+        return Err((SHM_ERR_ARGUMENT, format!("{what} is NULL")));
+    }
+    // SAFETY: non-null, and the caller promises a NUL-terminated string.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| (SHM_ERR_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `p` is null (then `n` must be 0) or points to `n` valid NUL-terminated strings.
+unsafe fn texts<'a>(p: *const *const c_char, n: usize, what: &str) -> Result<Vec<&'a str>, (c_int, String)> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if p.is_null() {
+        return Err((SHM_ERR_ARGUMENT, format!("{what} is NULL but {n} are expected")));
+    }
+    // SAFETY: the caller promises `n` pointers.
+    let ptrs = unsafe { std::slice::from_raw_parts(p, n) };
+    ptrs.iter().enumerate().map(|(i, s)| unsafe { text(*s, &format!("{what}[{i}]")) }).collect()
+}
+
+fn registry() -> &'static Registry {
+    Registry::global()
+}
+
+fn put<T>(out: *mut *mut T, v: T) -> Result<(), (c_int, String)> {
+    if out.is_null() {
+        return Err((SHM_ERR_ARGUMENT, "the output pointer is NULL".into()));
+    }
+    // SAFETY: `out` is non-null and, by the header's contract, points to writable storage.
+    unsafe { *out = Box::into_raw(Box::new(v)) };
+    Ok(())
+}
+
+/// An opaque counter series (`shm_counter` in the header).
+pub struct ShmCounter(Counter);
+/// An opaque gauge series (`shm_gauge`).
+pub struct ShmGauge(Gauge);
+/// An opaque histogram series (`shm_histogram`).
+pub struct ShmHistogram(Histogram);
+
+/// Registers (or finds) the counter `name` with `n_labels` label names and returns the handle of
+/// the series with these label values.
+///
+/// # Safety
+/// As in `include/shmetrics.h`: strings NUL-terminated, arrays of `n_labels` strings, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn shm_counter_new(
+    name: *const c_char,
+    help: *const c_char,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmCounter,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (name, help) = unsafe { (text(name, "name")?, text(help, "help")?) };
+        let (names, values) = unsafe {
+            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
+        };
+        let family =
+            registry().counter_family(name, help, &names).map_err(|e| (code_of(&e), e.to_string()))?;
+        let c = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
+        put(out, ShmCounter(c))
+    })
+}
+
+/// Adds `v` to a counter.
+///
+/// # Safety
+/// `c` is a handle from [`shm_counter_new`], not freed (NULL is ignored).
+#[no_mangle]
+pub unsafe extern "C" fn shm_counter_inc(c: *const ShmCounter, v: u64) {
+    // SAFETY: a live handle, or null.
+    if let Some(c) = unsafe { c.as_ref() } {
+        c.0.inc_by(v);
+    }
+}
+
+/// Frees a counter handle (the series stays; NULL is ignored).
+///
+/// # Safety
+/// `c` is a handle from [`shm_counter_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_counter_free(c: *mut ShmCounter) {
+    if !c.is_null() {
+        // SAFETY: a Box this library made, freed once.
+        drop(unsafe { Box::from_raw(c) });
+    }
+}
+
+/// Registers (or finds) the gauge `name` merged by `mode` (`sum`, `max`, `min`, `mostrecent`,
+/// `all` and their `live` variants) and returns the handle of the series with these label values.
+///
+/// # Safety
+/// As [`shm_counter_new`]; `mode` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_new(
+    name: *const c_char,
+    help: *const c_char,
+    mode: *const c_char,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmGauge,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (name, help, mode) = unsafe { (text(name, "name")?, text(help, "help")?, text(mode, "mode")?) };
+        let (names, values) = unsafe {
+            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
+        };
+        let mode = GaugeMode::parse(mode).ok_or_else(|| {
+            (
+                SHM_ERR_INVALID,
+                format!("gauge mode {mode:?}: use sum, max, min, mostrecent, all or live<mode>"),
+            )
+        })?;
+        let family =
+            registry().gauge_family(name, help, mode, &names).map_err(|e| (code_of(&e), e.to_string()))?;
+        let g = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
+        put(out, ShmGauge(g))
+    })
+}
+
+/// Sets a gauge.
+///
+/// # Safety
+/// `g` is a handle from [`shm_gauge_new`], not freed (NULL is ignored).
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_set(g: *const ShmGauge, v: c_double) {
+    // SAFETY: a live handle, or null.
+    if let Some(g) = unsafe { g.as_ref() } {
+        g.0.set(v);
+    }
+}
+
+/// Adds `v` (negative to subtract) to a gauge.
+///
+/// # Safety
+/// As [`shm_gauge_set`].
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_add(g: *const ShmGauge, v: c_double) {
+    // SAFETY: a live handle, or null.
+    if let Some(g) = unsafe { g.as_ref() } {
+        g.0.add(v);
+    }
+}
+
+/// Frees a gauge handle (NULL is ignored).
+///
+/// # Safety
+/// `g` is a handle from [`shm_gauge_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_free(g: *mut ShmGauge) {
+    if !g.is_null() {
+        // SAFETY: a Box this library made, freed once.
+        drop(unsafe { Box::from_raw(g) });
+    }
+}
+
+/// Registers (or finds) the histogram `name` with `n_buckets` increasing finite upper bounds and
+/// returns the handle of the series with these label values.
+///
+/// # Safety
+/// As [`shm_counter_new`]; `buckets` points to `n_buckets` doubles.
+#[no_mangle]
+pub unsafe extern "C" fn shm_histogram_new(
+    name: *const c_char,
+    help: *const c_char,
+    buckets: *const c_double,
+    n_buckets: usize,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmHistogram,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (name, help) = unsafe { (text(name, "name")?, text(help, "help")?) };
+        let (names, values) = unsafe {
+            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
+        };
+        let bounds: &[f64] = match (buckets.is_null(), n_buckets) {
+            (_, 0) => &[],
+            (true, n) => return Err((SHM_ERR_ARGUMENT, format!("buckets is NULL but {n} are expected"))),
+            // SAFETY: the caller promises `n_buckets` doubles.
+            (false, n) => unsafe { std::slice::from_raw_parts(buckets, n) },
+        };
+        let family = registry()
+            .histogram_family(name, help, bounds, &names)
+            .map_err(|e| (code_of(&e), e.to_string()))?;
+        let h = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
+        put(out, ShmHistogram(h))
+    })
+}
+
+/// Records one observation.
+///
+/// # Safety
+/// `h` is a handle from [`shm_histogram_new`], not freed (NULL is ignored).
+#[no_mangle]
+pub unsafe extern "C" fn shm_histogram_observe(h: *const ShmHistogram, v: c_double) {
+    // SAFETY: a live handle, or null.
+    if let Some(h) = unsafe { h.as_ref() } {
+        h.0.observe(v);
+    }
+}
+
+/// Frees a histogram handle (NULL is ignored).
+///
+/// # Safety
+/// `h` is a handle from [`shm_histogram_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_histogram_free(h: *mut ShmHistogram) {
+    if !h.is_null() {
+        // SAFETY: a Box this library made, freed once.
+        drop(unsafe { Box::from_raw(h) });
+    }
+}
+
+/// Declares this process ready (non-zero) or not (0): the aggregator's health check counts it.
+#[no_mangle]
+pub extern "C" fn shm_set_ready(ready: c_int) {
+    let _ = catch_unwind(|| registry().set_ready(ready != 0));
+}
+
+/// The message of the last error on this thread (empty if none), valid until the next failing
+/// call on this thread.
+#[no_mangle]
+pub extern "C" fn shm_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> CString {
+        CString::new(s).expect("no NUL")
+    }
+
+    fn last() -> String {
+        // SAFETY: shm_last_error returns a valid string.
+        unsafe { CStr::from_ptr(shm_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn handles_update_and_errors_are_codes_with_messages() {
+        let (name, help) = (c("ffi_requests"), c("Requests."));
+        let (ln, lv) = ([c("code")], [c("200")]);
+        let names = [ln[0].as_ptr()];
+        let values = [lv[0].as_ptr()];
+        let mut h: *mut ShmCounter = std::ptr::null_mut();
+        // SAFETY: valid strings and arrays, writable out.
+        let rc = unsafe {
+            shm_counter_new(name.as_ptr(), help.as_ptr(), names.as_ptr(), values.as_ptr(), 1, &mut h)
+        };
+        assert_eq!(rc, SHM_OK);
+        unsafe { shm_counter_inc(h, 3) };
+        unsafe { shm_counter_inc(h, 4) };
+        // SAFETY: h is a live handle.
+        assert_eq!(unsafe { &*h }.0.get(), 7);
+        unsafe { shm_counter_free(h) };
+
+        // Wrong label count, bad name, NULL, bad mode, conflicting type: codes and messages.
+        let mut h2: *mut ShmCounter = std::ptr::null_mut();
+        let rc = unsafe {
+            shm_counter_new(name.as_ptr(), help.as_ptr(), names.as_ptr(), values.as_ptr(), 0, &mut h2)
+        };
+        assert_ne!(rc, SHM_OK);
+        assert!(h2.is_null());
+        let bad = c("1bad");
+        let rc = unsafe {
+            shm_counter_new(bad.as_ptr(), help.as_ptr(), std::ptr::null(), std::ptr::null(), 0, &mut h2)
+        };
+        assert_eq!(rc, SHM_ERR_INVALID, "{}", last());
+        let rc = unsafe {
+            shm_counter_new(std::ptr::null(), help.as_ptr(), std::ptr::null(), std::ptr::null(), 0, &mut h2)
+        };
+        assert_eq!((rc, last()), (SHM_ERR_ARGUMENT, "name is NULL".to_string()));
+        let mut g: *mut ShmGauge = std::ptr::null_mut();
+        let mode = c("loudest");
+        let rc = unsafe {
+            shm_gauge_new(
+                c("ffi_g").as_ptr(),
+                help.as_ptr(),
+                mode.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut g,
+            )
+        };
+        assert_eq!(rc, SHM_ERR_INVALID);
+        assert!(last().contains("loudest"), "{}", last());
+        let sum = c("sum");
+        let rc = unsafe {
+            shm_gauge_new(
+                name.as_ptr(),
+                help.as_ptr(),
+                sum.as_ptr(),
+                names.as_ptr(),
+                values.as_ptr(),
+                1,
+                &mut g,
+            )
+        };
+        assert_eq!(rc, SHM_ERR_CONFLICT, "{}", last());
+
+        let mut hist: *mut ShmHistogram = std::ptr::null_mut();
+        let b = [0.1, 1.0];
+        let rc = unsafe {
+            shm_histogram_new(
+                c("ffi_h").as_ptr(),
+                help.as_ptr(),
+                b.as_ptr(),
+                2,
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut hist,
+            )
+        };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        unsafe { shm_histogram_observe(hist, 0.5) };
+        assert_eq!(unsafe { &*hist }.0.get(), (1, 0.5));
+        unsafe { shm_histogram_free(hist) };
+        // NULL handles are ignored, not dereferenced.
+        unsafe {
+            shm_counter_inc(std::ptr::null(), 1);
+            shm_gauge_set(std::ptr::null(), 1.0);
+            shm_counter_free(std::ptr::null_mut());
+        }
+    }
+}
