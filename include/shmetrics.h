@@ -57,6 +57,9 @@ int shm_gauge_new(const char *name, const char *help, const char *mode,
                   size_t n_labels, shm_gauge **out);
 void shm_gauge_set(const shm_gauge *g, double v);
 void shm_gauge_add(const shm_gauge *g, double v);
+/* Raise to v if larger / lower to v if smaller, atomically (uWSGI's metric_set_max/min). */
+void shm_gauge_set_max(const shm_gauge *g, double v);
+void shm_gauge_set_min(const shm_gauge *g, double v);
 void shm_gauge_free(shm_gauge *g);
 
 /* buckets: n_buckets finite, strictly increasing upper bounds (+Inf is implied). */

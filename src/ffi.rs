@@ -229,6 +229,30 @@ pub unsafe extern "C" fn shm_gauge_add(g: *const ShmGauge, v: c_double) {
     }
 }
 
+/// Raises a gauge to `v` if `v` is larger (atomically; uWSGI's `metric_set_max`).
+///
+/// # Safety
+/// As [`shm_gauge_set`].
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_set_max(g: *const ShmGauge, v: c_double) {
+    // SAFETY: a live handle, or null.
+    if let Some(g) = unsafe { g.as_ref() } {
+        g.0.set_max(v);
+    }
+}
+
+/// Lowers a gauge to `v` if `v` is smaller (atomically; uWSGI's `metric_set_min`).
+///
+/// # Safety
+/// As [`shm_gauge_set`].
+#[no_mangle]
+pub unsafe extern "C" fn shm_gauge_set_min(g: *const ShmGauge, v: c_double) {
+    // SAFETY: a live handle, or null.
+    if let Some(g) = unsafe { g.as_ref() } {
+        g.0.set_min(v);
+    }
+}
+
 /// Frees a gauge handle (NULL is ignored).
 ///
 /// # Safety
@@ -389,6 +413,29 @@ mod tests {
             )
         };
         assert_eq!(rc, SHM_ERR_CONFLICT, "{}", last());
+        let max = c("max");
+        let rc = unsafe {
+            shm_gauge_new(
+                c("ffi_peak").as_ptr(),
+                help.as_ptr(),
+                max.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut g,
+            )
+        };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        unsafe {
+            shm_gauge_set_max(g, 3.0);
+            shm_gauge_set_max(g, 1.0);
+        }
+        assert_eq!(unsafe { &*g }.0.get(), 3.0);
+        unsafe {
+            shm_gauge_set_min(g, 2.0);
+        }
+        assert_eq!(unsafe { &*g }.0.get(), 2.0);
+        unsafe { shm_gauge_free(g) };
 
         let mut hist: *mut ShmHistogram = std::ptr::null_mut();
         let b = [0.1, 1.0];

@@ -384,6 +384,21 @@ fn add_f64(a: &AtomicU64, v: f64) {
     }
 }
 
+/// Stores `v` in `a` while `better(current, v)` holds (a compare-and-swap loop); NaN `v` never.
+#[inline]
+fn replace_f64_if(a: &AtomicU64, v: f64, better: impl Fn(f64, f64) -> bool) {
+    if v.is_nan() {
+        return;
+    }
+    let mut cur = a.load(Ordering::Relaxed);
+    while better(f64::from_bits(cur), v) {
+        match a.compare_exchange_weak(cur, v.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(x) => cur = x,
+        }
+    }
+}
+
 /// A metric handle type that a [`Family`] hands out.
 pub trait Metric: Sized + private::Sealed {
     #[doc(hidden)]
@@ -564,6 +579,21 @@ impl Gauge {
     pub fn sub(&self, v: f64) {
         self.add(-v);
     }
+    /// Raises the value to `v` if `v` is larger (uWSGI's `metric_set_max`): one atomic
+    /// compare-and-swap loop, not a read and a write, so of concurrent callers the largest value
+    /// always stays. A NaN `v` is ignored; a NaN value is replaced.
+    #[inline]
+    pub fn set_max(&self, v: f64) {
+        replace_f64_if(&self.0.values[0], v, |cur, v| cur.is_nan() || v > cur);
+        self.stamp();
+    }
+    /// Lowers the value to `v` if `v` is smaller (uWSGI's `metric_set_min`); see
+    /// [`Gauge::set_max`].
+    #[inline]
+    pub fn set_min(&self, v: f64) {
+        replace_f64_if(&self.0.values[0], v, |cur, v| cur.is_nan() || v < cur);
+        self.stamp();
+    }
     /// Adds one.
     #[inline]
     pub fn inc(&self) {
@@ -609,11 +639,52 @@ impl Histogram {
         }
         self.slots.count_drop();
     }
+    /// Starts timing: the seconds until the returned guard is dropped (or
+    /// [`HistogramTimer::observe_duration`] is called) are observed once.
+    pub fn start_timer(&self) -> HistogramTimer {
+        HistogramTimer { histogram: *self, start: std::time::Instant::now(), observed: false }
+    }
+    /// Runs `f` and observes how many seconds it took (also when it panics).
+    pub fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _timer = self.start_timer();
+        f()
+    }
     /// This process's (observation count, sum).
     pub fn get(&self) -> (u64, f64) {
         let n = self.slots.values.len();
         let count = self.slots.values[..n - 1].iter().map(|b| b.load(Ordering::Relaxed)).sum();
         (count, f64::from_bits(self.slots.values[n - 1].load(Ordering::Relaxed)))
+    }
+}
+
+/// Times a block for a [`Histogram`] ([`Histogram::start_timer`]): observes the elapsed seconds
+/// once, when dropped or at [`HistogramTimer::observe_duration`].
+#[must_use = "the time is observed when the timer is dropped: bind it to a variable"]
+pub struct HistogramTimer {
+    histogram: Histogram,
+    start: std::time::Instant,
+    observed: bool,
+}
+
+impl HistogramTimer {
+    /// Observes the seconds since the timer started, now, and returns them.
+    pub fn observe_duration(mut self) -> f64 {
+        self.observe()
+    }
+
+    fn observe(&mut self) -> f64 {
+        let secs = self.start.elapsed().as_secs_f64();
+        if !self.observed {
+            self.observed = true;
+            self.histogram.observe(secs);
+        }
+        secs
+    }
+}
+
+impl Drop for HistogramTimer {
+    fn drop(&mut self) {
+        self.observe();
     }
 }
 
@@ -653,6 +724,49 @@ mod tests {
         send_sync::<Registry>();
         fn family<T: Send + Sync + Clone>() {}
         family::<Family<Counter>>();
+    }
+
+    #[test]
+    fn set_max_and_set_min_keep_the_extreme_across_threads() {
+        let reg = Registry::in_process();
+        let hi = reg.gauge("g_hi", "x", GaugeMode::Max).unwrap();
+        let lo = reg.gauge("g_lo", "x", GaugeMode::Min).unwrap();
+        lo.set(f64::NAN); // a NaN value is replaced by the first set_min
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                s.spawn(move || {
+                    for i in 0..10_000u32 {
+                        let v = f64::from(i * 4 + t);
+                        hi.set_max(v);
+                        lo.set_min(v - 5.0);
+                    }
+                });
+            }
+        });
+        assert_eq!(hi.get(), 39_999.0);
+        assert_eq!(lo.get(), -5.0);
+        hi.set_max(f64::NAN);
+        hi.set_max(7.0);
+        assert_eq!(hi.get(), 39_999.0, "NaN and smaller values change nothing");
+    }
+
+    #[test]
+    fn timers_observe_once() {
+        let reg = Registry::in_process();
+        let h = reg.histogram("t_seconds", "x", &[0.001, 10.0]).unwrap();
+        let r = h.time(|| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            42
+        });
+        assert_eq!(r, 42);
+        let t = h.start_timer();
+        let secs = t.observe_duration(); // and not again when dropped
+        {
+            let _t = h.start_timer();
+        }
+        let (count, sum) = h.get();
+        assert_eq!(count, 3);
+        assert!(sum >= 0.002 && secs >= 0.0, "{sum}");
     }
 
     #[test]

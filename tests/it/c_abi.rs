@@ -10,17 +10,22 @@ use crate::util;
 
 const T: Duration = Duration::from_secs(20);
 
-/// Builds the example into `dir` and returns its path. The library is the one next to the
-/// `shmetrics` binary of this build (target/<profile>/libshmetrics.so), found at run time through
-/// an rpath.
+/// Builds the example into `dir` and returns its path. The library is this build's
+/// libshmetrics.so: `cargo test` leaves it in target/<profile>/deps (`cargo build` copies it up
+/// to target/<profile>, which may be older), found at run time through an rpath.
 fn build_prefork(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib_dir = util::shmetrics_bin().parent().expect("target dir").to_path_buf();
-    assert!(
-        lib_dir.join("libshmetrics.so").exists(),
-        "{} missing: the library's cdylib is built with the crate (Cargo.toml [lib] crate-type)",
-        lib_dir.join("libshmetrics.so").display()
-    );
+    let profile = util::shmetrics_bin().parent().expect("target dir").to_path_buf();
+    let lib_dir = [profile.join("deps"), profile.clone()]
+        .into_iter()
+        .find(|d| d.join("libshmetrics.so").exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no libshmetrics.so in {0}/deps or {0}: the library's cdylib is built with the crate \
+                 (Cargo.toml [lib] crate-type)",
+                profile.display()
+            )
+        });
     let out = dir.join("prefork");
     let cc = Command::new("cc")
         .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
