@@ -8,7 +8,11 @@
 //!   `family.with_labels(&["GET", "200"])?.inc()` against prometheus-client's
 //!   `Family::<Labels, Counter>::get_or_create(&labels).inc()`. Target: ≤ 1×.
 //!
-//! Single-threaded, uncontended. Run with `cargo bench --bench update` (see BENCHMARKS.md).
+//! - group `labelled_4_threads`: the same lookup + `inc` from 4 threads at once on the same
+//!   family and label set (contended: every thread increments the same series), wall time per
+//!   call, i.e. total time / (4 × calls).
+//!
+//! Run with `cargo bench --bench update` (see BENCHMARKS.md).
 
 use std::hint::black_box;
 
@@ -121,11 +125,62 @@ fn labelled(c: &mut Criterion) {
     assert_eq!(reg.dropped_series(), 0);
 }
 
+/// Threads of the contended group.
+const THREADS: u64 = 4;
+
+/// Runs `f` `iters` times on each of [`THREADS`] threads started together; returns the wall time
+/// divided by [`THREADS`], so criterion reports wall time per call.
+fn on_threads(iters: u64, f: impl Fn() + Sync) -> std::time::Duration {
+    let barrier = std::sync::Barrier::new(THREADS as usize + 1);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..iters {
+                    f();
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = std::time::Instant::now();
+        barrier.wait();
+        start.elapsed() / THREADS as u32
+    })
+}
+
+fn labelled_4_threads(c: &mut Criterion) {
+    let (_dir, reg) = temp_registry();
+    let family =
+        reg.counter_family("bench_http_requests_total", "Requests.", &["method", "status"]).expect("family");
+    let pc_family: PcFamily<Labels, PcCounter> = PcFamily::default();
+    for (method, status) in label_sets() {
+        family.with_labels(&[method, status.as_str()]).expect("pre-populate").inc();
+        pc_family.get_or_create(&Labels { method: method.to_owned(), status: status.clone() }).inc();
+    }
+    let labels = Labels { method: "GET".to_owned(), status: "200".to_owned() };
+    let mut g = c.benchmark_group("labelled_4_threads");
+    g.bench_function(BenchmarkId::new("lookup_inc", "shmetrics"), |b| {
+        b.iter_custom(|iters| {
+            on_threads(iters, || family.with_labels(black_box(&["GET", "200"])).expect("existing").inc())
+        })
+    });
+    g.bench_function(BenchmarkId::new("lookup_inc", "prometheus_client"), |b| {
+        b.iter_custom(|iters| {
+            on_threads(iters, || {
+                pc_family.get_or_create(black_box(&labels)).inc();
+            })
+        })
+    });
+    g.finish();
+    assert_eq!(reg.dropped_series(), 0);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = update, labelled
+    targets = update, labelled, labelled_4_threads
 }
 criterion_main!(benches);
