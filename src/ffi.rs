@@ -104,6 +104,61 @@ fn registry() -> &'static Registry {
     Registry::global()
 }
 
+/// The writer's error as a code and message.
+fn err(e: Error) -> (c_int, String) {
+    (code_of(&e), e.to_string())
+}
+
+/// The arguments every `*_new` function takes, read and checked.
+struct Series<'a> {
+    name: &'a str,
+    help: &'a str,
+    label_names: Vec<&'a str>,
+    label_values: Vec<&'a str>,
+}
+
+/// # Safety
+/// As the `*_new` functions: strings NUL-terminated (or null: refused), arrays of `n` strings.
+unsafe fn series<'a>(
+    name: *const c_char,
+    help: *const c_char,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n: usize,
+) -> Result<Series<'a>, (c_int, String)> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        Ok(Series {
+            name: text(name, "name")?,
+            help: text(help, "help")?,
+            label_names: texts(label_names, n, "label_names")?,
+            label_values: texts(label_values, n, "label_values")?,
+        })
+    }
+}
+
+/// Runs `f` on the handle behind `p` (null: nothing).
+///
+/// # Safety
+/// `p` is null or a live handle from this library.
+unsafe fn with<T>(p: *const T, f: impl FnOnce(&T)) {
+    // SAFETY: a live handle, or null.
+    if let Some(h) = unsafe { p.as_ref() } {
+        f(h);
+    }
+}
+
+/// Frees a handle (null: nothing).
+///
+/// # Safety
+/// `p` is null or a handle from this library, freed once.
+unsafe fn free<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: a Box this library made, freed once.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
 fn put<T>(out: *mut *mut T, v: T) -> Result<(), (c_int, String)> {
     if out.is_null() {
         return Err((SHM_ERR_ARGUMENT, "the output pointer is NULL".into()));
@@ -136,14 +191,9 @@ pub unsafe extern "C" fn shm_counter_new(
 ) -> c_int {
     guarded(|| {
         // SAFETY: forwarded from this function's contract.
-        let (name, help) = unsafe { (text(name, "name")?, text(help, "help")?) };
-        let (names, values) = unsafe {
-            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
-        };
-        let family =
-            registry().counter_family(name, help, &names).map_err(|e| (code_of(&e), e.to_string()))?;
-        let c = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
-        put(out, ShmCounter(c))
+        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
+        let family = registry().counter_family(s.name, s.help, &s.label_names).map_err(err)?;
+        put(out, ShmCounter(family.with_labels(&s.label_values).map_err(err)?))
     })
 }
 
@@ -153,10 +203,8 @@ pub unsafe extern "C" fn shm_counter_new(
 /// `c` is a handle from [`shm_counter_new`], not freed (NULL is ignored).
 #[no_mangle]
 pub unsafe extern "C" fn shm_counter_inc(c: *const ShmCounter, v: u64) {
-    // SAFETY: a live handle, or null.
-    if let Some(c) = unsafe { c.as_ref() } {
-        c.0.inc_by(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(c, |h| h.0.inc_by(v)) }
 }
 
 /// Frees a counter handle (the series stays; NULL is ignored).
@@ -165,10 +213,8 @@ pub unsafe extern "C" fn shm_counter_inc(c: *const ShmCounter, v: u64) {
 /// `c` is a handle from [`shm_counter_new`], freed once.
 #[no_mangle]
 pub unsafe extern "C" fn shm_counter_free(c: *mut ShmCounter) {
-    if !c.is_null() {
-        // SAFETY: a Box this library made, freed once.
-        drop(unsafe { Box::from_raw(c) });
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(c) }
 }
 
 /// Registers (or finds) the gauge `name` merged by `mode` (`sum`, `max`, `min`, `mostrecent`,
@@ -188,20 +234,16 @@ pub unsafe extern "C" fn shm_gauge_new(
 ) -> c_int {
     guarded(|| {
         // SAFETY: forwarded from this function's contract.
-        let (name, help, mode) = unsafe { (text(name, "name")?, text(help, "help")?, text(mode, "mode")?) };
-        let (names, values) = unsafe {
-            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
-        };
+        let (s, mode) =
+            unsafe { (series(name, help, label_names, label_values, n_labels)?, text(mode, "mode")?) };
         let mode = GaugeMode::parse(mode).ok_or_else(|| {
             (
                 SHM_ERR_INVALID,
                 format!("gauge mode {mode:?}: use sum, max, min, mostrecent, all or live<mode>"),
             )
         })?;
-        let family =
-            registry().gauge_family(name, help, mode, &names).map_err(|e| (code_of(&e), e.to_string()))?;
-        let g = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
-        put(out, ShmGauge(g))
+        let family = registry().gauge_family(s.name, s.help, mode, &s.label_names).map_err(err)?;
+        put(out, ShmGauge(family.with_labels(&s.label_values).map_err(err)?))
     })
 }
 
@@ -211,10 +253,8 @@ pub unsafe extern "C" fn shm_gauge_new(
 /// `g` is a handle from [`shm_gauge_new`], not freed (NULL is ignored).
 #[no_mangle]
 pub unsafe extern "C" fn shm_gauge_set(g: *const ShmGauge, v: c_double) {
-    // SAFETY: a live handle, or null.
-    if let Some(g) = unsafe { g.as_ref() } {
-        g.0.set(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(g, |h| h.0.set(v)) }
 }
 
 /// Adds `v` (negative to subtract) to a gauge.
@@ -223,10 +263,8 @@ pub unsafe extern "C" fn shm_gauge_set(g: *const ShmGauge, v: c_double) {
 /// As [`shm_gauge_set`].
 #[no_mangle]
 pub unsafe extern "C" fn shm_gauge_add(g: *const ShmGauge, v: c_double) {
-    // SAFETY: a live handle, or null.
-    if let Some(g) = unsafe { g.as_ref() } {
-        g.0.add(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(g, |h| h.0.add(v)) }
 }
 
 /// Raises a gauge to `v` if `v` is larger (atomically; uWSGI's `metric_set_max`).
@@ -235,10 +273,8 @@ pub unsafe extern "C" fn shm_gauge_add(g: *const ShmGauge, v: c_double) {
 /// As [`shm_gauge_set`].
 #[no_mangle]
 pub unsafe extern "C" fn shm_gauge_set_max(g: *const ShmGauge, v: c_double) {
-    // SAFETY: a live handle, or null.
-    if let Some(g) = unsafe { g.as_ref() } {
-        g.0.set_max(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(g, |h| h.0.set_max(v)) }
 }
 
 /// Lowers a gauge to `v` if `v` is smaller (atomically; uWSGI's `metric_set_min`).
@@ -247,10 +283,8 @@ pub unsafe extern "C" fn shm_gauge_set_max(g: *const ShmGauge, v: c_double) {
 /// As [`shm_gauge_set`].
 #[no_mangle]
 pub unsafe extern "C" fn shm_gauge_set_min(g: *const ShmGauge, v: c_double) {
-    // SAFETY: a live handle, or null.
-    if let Some(g) = unsafe { g.as_ref() } {
-        g.0.set_min(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(g, |h| h.0.set_min(v)) }
 }
 
 /// Frees a gauge handle (NULL is ignored).
@@ -259,10 +293,8 @@ pub unsafe extern "C" fn shm_gauge_set_min(g: *const ShmGauge, v: c_double) {
 /// `g` is a handle from [`shm_gauge_new`], freed once.
 #[no_mangle]
 pub unsafe extern "C" fn shm_gauge_free(g: *mut ShmGauge) {
-    if !g.is_null() {
-        // SAFETY: a Box this library made, freed once.
-        drop(unsafe { Box::from_raw(g) });
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(g) }
 }
 
 /// Registers (or finds) the histogram `name` with `n_buckets` increasing finite upper bounds and
@@ -283,21 +315,15 @@ pub unsafe extern "C" fn shm_histogram_new(
 ) -> c_int {
     guarded(|| {
         // SAFETY: forwarded from this function's contract.
-        let (name, help) = unsafe { (text(name, "name")?, text(help, "help")?) };
-        let (names, values) = unsafe {
-            (texts(label_names, n_labels, "label_names")?, texts(label_values, n_labels, "label_values")?)
-        };
+        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
         let bounds: &[f64] = match (buckets.is_null(), n_buckets) {
             (_, 0) => &[],
             (true, n) => return Err((SHM_ERR_ARGUMENT, format!("buckets is NULL but {n} are expected"))),
             // SAFETY: the caller promises `n_buckets` doubles.
             (false, n) => unsafe { std::slice::from_raw_parts(buckets, n) },
         };
-        let family = registry()
-            .histogram_family(name, help, bounds, &names)
-            .map_err(|e| (code_of(&e), e.to_string()))?;
-        let h = family.with_labels(&values).map_err(|e| (code_of(&e), e.to_string()))?;
-        put(out, ShmHistogram(h))
+        let family = registry().histogram_family(s.name, s.help, bounds, &s.label_names).map_err(err)?;
+        put(out, ShmHistogram(family.with_labels(&s.label_values).map_err(err)?))
     })
 }
 
@@ -307,10 +333,8 @@ pub unsafe extern "C" fn shm_histogram_new(
 /// `h` is a handle from [`shm_histogram_new`], not freed (NULL is ignored).
 #[no_mangle]
 pub unsafe extern "C" fn shm_histogram_observe(h: *const ShmHistogram, v: c_double) {
-    // SAFETY: a live handle, or null.
-    if let Some(h) = unsafe { h.as_ref() } {
-        h.0.observe(v);
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(h, |h| h.0.observe(v)) }
 }
 
 /// Frees a histogram handle (NULL is ignored).
@@ -319,10 +343,8 @@ pub unsafe extern "C" fn shm_histogram_observe(h: *const ShmHistogram, v: c_doub
 /// `h` is a handle from [`shm_histogram_new`], freed once.
 #[no_mangle]
 pub unsafe extern "C" fn shm_histogram_free(h: *mut ShmHistogram) {
-    if !h.is_null() {
-        // SAFETY: a Box this library made, freed once.
-        drop(unsafe { Box::from_raw(h) });
-    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(h) }
 }
 
 /// Declares this process ready (non-zero) or not (0): the aggregator's health check counts it.
