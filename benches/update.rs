@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family as PcFamily;
 use prometheus_client::metrics::gauge::Gauge as PcGauge;
 use prometheus_client::metrics::histogram::Histogram as PcHistogram;
 use prometheus_client::registry::Registry as PcRegistry;
-use shmetrics::{GaugeMode, Registry, DEFAULT_BUCKETS};
+use shmetrics::{Counter, Family, GaugeMode, Registry, DEFAULT_BUCKETS};
 
 /// The value observed by both histograms (falls in the 0.5 bucket of the default buckets).
 const OBSERVED: f64 = 0.3;
@@ -90,18 +90,25 @@ fn update(c: &mut Criterion) {
     assert_eq!(counter.get() > 0, pc_counter.get() > 0);
 }
 
-fn labelled(c: &mut Criterion) {
-    let (_dir, reg) = temp_registry();
+/// Both labelled families, pre-populated with the same 100 label sets, and the label struct of
+/// the looked-up set (`GET`, `200`) for prometheus-client.
+fn families() -> (tempfile::TempDir, Registry, Family<Counter>, PcFamily<Labels, PcCounter>, Labels) {
+    let (dir, reg) = temp_registry();
     let family =
         reg.counter_family("bench_http_requests_total", "Requests.", &["method", "status"]).expect("family");
     let pc_family: PcFamily<Labels, PcCounter> = PcFamily::default();
-    let mut pc_reg = PcRegistry::default();
-    pc_reg.register("bench_http_requests", "Requests.", pc_family.clone());
     for (method, status) in label_sets() {
         family.with_labels(&[method, status.as_str()]).expect("pre-populate").inc();
         pc_family.get_or_create(&Labels { method: method.to_owned(), status: status.clone() }).inc();
     }
     let labels = Labels { method: "GET".to_owned(), status: "200".to_owned() };
+    (dir, reg, family, pc_family, labels)
+}
+
+fn labelled(c: &mut Criterion) {
+    let (_dir, reg, family, pc_family, labels) = families();
+    let mut pc_reg = PcRegistry::default();
+    pc_reg.register("bench_http_requests", "Requests.", pc_family.clone());
 
     let mut g = c.benchmark_group("labelled");
     g.bench_function(BenchmarkId::new("lookup_inc", "shmetrics"), |b| {
@@ -150,15 +157,7 @@ fn on_threads(iters: u64, f: impl Fn() + Sync) -> std::time::Duration {
 }
 
 fn labelled_4_threads(c: &mut Criterion) {
-    let (_dir, reg) = temp_registry();
-    let family =
-        reg.counter_family("bench_http_requests_total", "Requests.", &["method", "status"]).expect("family");
-    let pc_family: PcFamily<Labels, PcCounter> = PcFamily::default();
-    for (method, status) in label_sets() {
-        family.with_labels(&[method, status.as_str()]).expect("pre-populate").inc();
-        pc_family.get_or_create(&Labels { method: method.to_owned(), status: status.clone() }).inc();
-    }
-    let labels = Labels { method: "GET".to_owned(), status: "200".to_owned() };
+    let (_dir, reg, family, pc_family, labels) = families();
     let mut g = c.benchmark_group("labelled_4_threads");
     g.bench_function(BenchmarkId::new("lookup_inc", "shmetrics"), |b| {
         b.iter_custom(|iters| {
