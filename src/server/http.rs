@@ -53,7 +53,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, VARY};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -346,18 +346,8 @@ async fn reject(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
     if tokio::time::timeout(REJECT_TIMEOUT, stream.write_all(answer.as_bytes())).await.is_err() {
         return;
     }
-    let _ = tokio::time::timeout(REJECT_TIMEOUT, async {
-        let _ = stream.shutdown().await;
-        let mut buf = [0u8; 4096];
-        let mut drained = 0;
-        while drained < REJECT_DRAIN_BYTES {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(REJECT_TIMEOUT, stream.shutdown()).await;
+    super::drain(&mut stream, REJECT_TIMEOUT, REJECT_DRAIN_BYTES).await;
 }
 
 /// A socket whose writes fail with [`std::io::ErrorKind::TimedOut`] once they have made no progress

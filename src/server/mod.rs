@@ -24,6 +24,24 @@ use crate::health::{self, Health, HealthConfig};
 use crate::job::Job;
 use crate::report::{self, Alarms, Measured, ProcessMetrics};
 
+/// Reads and drops what a client still sends, for at most `limit` and `max_bytes`: closing a
+/// socket with unread input resets the connection, and the client may lose the answer it has not
+/// read yet (both ports close this way).
+pub(crate) async fn drain(stream: &mut tokio::net::TcpStream, limit: Duration, max_bytes: usize) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < max_bytes {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
 /// Longest `perf_metrics` measuring interval, in seconds (both ports).
 pub const MAX_INTERVAL: f64 = 10.0;
 

@@ -238,17 +238,7 @@ async fn close(mut stream: TcpStream) {
 
 /// Reads and drops unread input for at most [`LINGER`] and [`LINGER_BYTES`].
 async fn drain(stream: &mut TcpStream) {
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut buf = [0u8; 4096];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    })
-    .await;
+    super::drain(stream, LINGER, LINGER_BYTES).await;
 }
 
 /// What reading a line gave.
