@@ -61,7 +61,8 @@ pub struct JobView {
     /// Ready workers (see [`Aggregator::ready_workers`]).
     pub ready_workers: usize,
     /// Workers and masters, with their figures from `/proc`.
-    pub procs: Vec<ProcStats>,
+    /// (Shared between views: a merge republishes the last look's without copying it.)
+    pub procs: Arc<Vec<ProcStats>>,
     /// The job's CPU seconds, including processes that are gone (never goes down).
     pub cpu_seconds: f64,
     /// The aggregator's statistics (files, series, archive totals, last merge).
@@ -292,7 +293,10 @@ impl Job {
         let _order = lock(&self.publishing);
         let last = self.view();
         let fresh = procs.is_some();
-        let (procs, cpu_seconds) = procs.unwrap_or_else(|| (last.procs.clone(), last.cpu_seconds));
+        let (procs, cpu_seconds) = match procs {
+            Some((table, cpu)) => (Arc::new(table), cpu),
+            None => (Arc::clone(&last.procs), last.cpu_seconds),
+        };
         let view = JobView {
             generation: last.generation + 1,
             procs_generation: last.procs_generation + u64::from(fresh),
