@@ -59,7 +59,7 @@ fn main() -> Result<()> {
                 build.set(&[("version", &format!("1.{i}")), ("worker", &format!("w{i}"))])?;
                 state.set_index(i % 3)?;
                 job.set("busy")?;
-                job.set(if i % 2 == 0 { "idle" } else { "down" })?;
+                job.set(if i.is_multiple_of(2) { "idle" } else { "down" })?;
                 File::from(wr).write_all(b"x")?;
                 let _ = stop.wait();
                 std::process::exit(0);

@@ -456,6 +456,29 @@ mod tests {
     }
 
     #[test]
+    fn enum_states_are_escaped_label_values() {
+        let mut m = Merger::new();
+        let d = MetricDesc {
+            name: "st".into(),
+            help: "S.".into(),
+            metric_type: MetricType::Enum,
+            value_type: ValueType::U64,
+            gauge_mode: None,
+            label_names: vec![],
+            buckets: vec![],
+            states: vec!["a\"b".into(), "c".into()],
+        };
+        let f = m.family_for(&d).unwrap();
+        let s = m.series_for(f, vec![]);
+        let mut accs = Vec::new();
+        m.begin(&mut accs);
+        accs[s as usize] = Value::State { ts: 1, index: 1 };
+        let snap = m.snapshot(accs);
+        let want = "# HELP st S.\n# TYPE st gauge\nst{st=\"a\\\"b\"} 0\nst{st=\"c\"} 1\n";
+        assert_eq!(encode(&snap, Format::Prometheus), want);
+    }
+
+    #[test]
     fn accept_negotiation() {
         assert_eq!(Format::from_accept(None), Format::Prometheus);
         let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";

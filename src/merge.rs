@@ -710,6 +710,69 @@ mod tests {
         assert_eq!(acc, Value::Recent { ts: 5, v: 1.0 });
     }
 
+    fn typed(t: MetricType, states: &[&str]) -> MetricDesc {
+        MetricDesc {
+            name: "t".into(),
+            help: String::new(),
+            metric_type: t,
+            value_type: ValueType::U64,
+            gauge_mode: None,
+            label_names: vec!["a".into()],
+            buckets: vec![],
+            states: states.iter().map(|s| (*s).to_string()).collect(),
+        }
+    }
+
+    fn slots(words: &[u64]) -> Vec<AtomicU64> {
+        words.iter().map(|w| AtomicU64::new(*w)).collect()
+    }
+
+    #[test]
+    fn enum_latest_set_wins_and_a_bad_index_is_ignored() {
+        let rule = Rule::of(&typed(MetricType::Enum, &["x", "y", "z"]));
+        assert_eq!(rule, Rule::State(3));
+        let mut acc = Value::Unset;
+        assert!(acc.add_slots(rule, &slots(&[2, 0])), "never set: valid, no contribution");
+        assert!(acc.is_unset());
+        assert!(acc.add_slots(rule, &slots(&[1, 50])));
+        assert!(!acc.add_slots(rule, &slots(&[3, 90])), "index 3 of 3 states");
+        assert!(acc.add_slots(rule, &slots(&[0, 40])));
+        assert_eq!(acc, Value::State { ts: 50, index: 1 });
+        assert!(acc.add_slots(rule, &slots(&[2, 50])));
+        assert_eq!(acc, Value::State { ts: 50, index: 2 }, "a tie goes to the larger index");
+        // Other states are another family.
+        let mut m = Merger::new();
+        assert!(m.family_for(&typed(MetricType::Enum, &["x", "y", "z"])).is_some());
+        assert!(m.family_for(&typed(MetricType::Enum, &["x", "y"])).is_none());
+    }
+
+    #[test]
+    fn info_exposes_the_latest_value_set_per_label_set() {
+        let mut m = Merger::new();
+        let fam = m.family_for(&typed(MetricType::Info, &[])).unwrap();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let old = m.info_series_for(fam, vec![pair("a", "1"), pair("v", "old")], 1);
+        let new = m.info_series_for(fam, vec![pair("a", "1"), pair("v", "new")], 1);
+        let other = m.info_series_for(fam, vec![pair("a", "2"), pair("v", "old")], 1);
+        let never = m.info_series_for(fam, vec![pair("a", "3"), pair("v", "x")], 1);
+        let mut accs = Vec::new();
+        m.begin(&mut accs);
+        let rule = Rule::Info;
+        for (idx, ts) in [(old, 10), (new, 20), (other, 5), (never, 0), (old, 15)] {
+            assert!(accs[idx as usize].add_slots(rule, &slots(&[ts])));
+        }
+        let snap = m.snapshot(accs);
+        let got: Vec<(&str, &Value)> =
+            snap.families[0].series.iter().map(|(l, v)| (l.text.as_str(), v)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a=\"1\",v=\"new\"", &Value::Info { ts: 20 }),
+                ("a=\"2\",v=\"old\"", &Value::Info { ts: 5 })
+            ]
+        );
+    }
+
     #[test]
     fn conflicting_descriptions_are_refused() {
         let mut m = Merger::new();

@@ -6,23 +6,9 @@
 //! prometheus_client is `$SHMETRICS_TEST_PYTHON` (`.ci/run` creates that venv). A missing tool
 //! fails the test with instructions: these checks must not silently pass.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::util;
-
-fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> (bool, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
 
 /// A directory with every kind of metric the library writes, held by live workers.
 fn populated() -> (tempfile::TempDir, util::Served, util::Workload) {
@@ -41,7 +27,8 @@ fn promtool_accepts_the_prometheus_text() {
     let (_tmp, served, _wl) = populated();
     let text = util::scrape(served.addr);
     assert!(text.contains("wl_requests_total{route=\"/r3\"} 48\n"), "{text}");
-    let (ok, out) = run_with_stdin(Command::new("promtool").args(["check", "metrics"]), text.as_bytes());
+    let (ok, out) =
+        util::run_with_stdin(Command::new("promtool").args(["check", "metrics"]), text.as_bytes());
     assert!(
         ok,
         "promtool check metrics failed (install it with `apt-get install prometheus`):\n{out}\n{text}"
@@ -71,7 +58,7 @@ fn python_openmetrics_parser_accepts_the_openmetrics_text() {
     assert_eq!(r.header("content-type"), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     let text = r.text();
     assert!(text.ends_with("# EOF\n"));
-    let (ok, out) = run_with_stdin(Command::new(&py).args(["-c", OM_PARSE]), text.as_bytes());
+    let (ok, out) = util::run_with_stdin(Command::new(&py).args(["-c", OM_PARSE]), text.as_bytes());
     assert!(ok, "the OpenMetrics parser rejected our output:\n{out}\n{text}");
     let parsed: std::collections::BTreeMap<&str, (&str, &str)> = out
         .lines()
@@ -196,7 +183,7 @@ fn histograms_with_negative_or_nan_observations_parse_as_openmetrics() {
         util::http_get(served.addr, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]);
     assert_eq!(r.status, 200);
     let text = r.text();
-    let (ok, out) = run_with_stdin(Command::new(&py).args(["-c", OM_PARSE]), text.as_bytes());
+    let (ok, out) = util::run_with_stdin(Command::new(&py).args(["-c", OM_PARSE]), text.as_bytes());
     assert!(ok, "the OpenMetrics parser rejected our output:\n{out}\n{text}");
     let ours: Vec<&str> = out
         .lines()
@@ -237,6 +224,7 @@ fn histograms_with_negative_or_nan_observations_parse_as_openmetrics() {
     ] {
         assert!(prom.contains(line), "{line:?} in\n{prom}");
     }
-    let (ok, out) = run_with_stdin(Command::new("promtool").args(["check", "metrics"]), prom.as_bytes());
+    let (ok, out) =
+        util::run_with_stdin(Command::new("promtool").args(["check", "metrics"]), prom.as_bytes());
     assert!(ok, "promtool check metrics failed:\n{out}\n{prom}");
 }

@@ -125,7 +125,56 @@ fn example_file() -> Vec<u8> {
     let get = latency.with_labels(&["GET"]).expect("series");
     get.observe(0.05);
     get.observe(0.5);
+    fixed_header(&registry)
+}
 
+/// The timestamp the second worked example shows in the info and enum slots.
+const DOC_SET_NS: u64 = 1_700_000_001_000_000_000;
+
+/// Writes the second example of the document (section 12.2): the file's bytes up to `used`, with
+/// the header fixed as in [`example_file`] and the info's and the enum's timestamps set to
+/// [`DOC_SET_NS`].
+fn typed_example_file() -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::open(dir.path()).expect("open registry");
+    let rpc = registry.summary("rpc_seconds", "RPC time.").expect("summary");
+    rpc.observe(0.5);
+    rpc.observe(0.25);
+    let build = registry.info("build_info", "Build.").expect("info");
+    build.set(&[("version", "1.2")]).expect("info set");
+    let state = registry.enum_metric("state", "State.", &["up", "down"]).expect("enum");
+    state.set("down").expect("enum set");
+    let mut bytes = fixed_header(&registry);
+    // The two timestamps: slot 0 of the info series (record 4), slot 1 of the enum series (6).
+    let records = records_of(&bytes);
+    let slot = |i: usize| match &records[i].2 {
+        Record::TypedSeries { slots_offset, .. } => (records[i].0 + *slots_offset as usize) as u64,
+        r => panic!("record {i} is {r:?}"),
+    };
+    for at in [slot(3), slot(5) + 8] {
+        assert!(u64_at(&bytes, at) > DOC_START_TIME_NS, "a timestamp of this run");
+        put_u64(&mut bytes, at, DOC_SET_NS);
+    }
+    bytes
+}
+
+/// Every record of a file's bytes (up to `used`): offset, length, decoded.
+fn records_of(bytes: &[u8]) -> Vec<(usize, usize, Record)> {
+    let mut records = Vec::new();
+    let mut off = layout::HEADER_SIZE as usize;
+    while off < bytes.len() {
+        let len = record_len(&bytes[off..]).expect("record length");
+        let record = decode_record(&bytes[off..off + len]).expect("record decodes");
+        records.push((off, len, record));
+        off += len;
+    }
+    assert_eq!(off, bytes.len(), "records end exactly at `used`");
+    records
+}
+
+/// The registry's file up to `used`, its run-dependent header fields (checked first) replaced by
+/// the document's fixed values.
+fn fixed_header(registry: &Registry) -> Vec<u8> {
     let path = registry.path().expect("registry has a file");
     let mut bytes = std::fs::read(&path).expect("read the writer's file");
     let used = u64_at(&bytes, header::USED);
@@ -171,15 +220,7 @@ fn worked_example_matches_the_writer() {
     assert!(bytes[header::END as usize..layout::HEADER_SIZE as usize].iter().all(|b| *b == 0));
 
     // The records, decoded with the library's own decoder.
-    let mut records = Vec::new();
-    let mut off = layout::HEADER_SIZE as usize;
-    while off < bytes.len() {
-        let len = record_len(&bytes[off..]).expect("record length");
-        let record = decode_record(&bytes[off..off + len]).expect("record decodes");
-        records.push((off, len, record));
-        off += len;
-    }
-    assert_eq!(off, bytes.len(), "records end exactly at `used`");
+    let records = records_of(&bytes);
 
     let jobs = MetricDesc {
         name: "jobs".into(),
@@ -279,11 +320,162 @@ fn constants_table_matches_the_code() {
         (layout::MAX_STRING as u64, "MAX_STRING"),
         (layout::MAX_LABELS as u64, "MAX_LABELS"),
         (layout::MAX_BUCKETS as u64, "MAX_BUCKETS"),
+        (layout::MAX_STATES as u64, "MAX_STATES"),
         (u64::from(kind::METRIC), "KIND_METRIC"),
         (u64::from(kind::SERIES), "KIND_SERIES"),
+        (u64::from(kind::TYPED_METRIC), "KIND_TYPED_METRIC"),
+        (u64::from(kind::TYPED_SERIES), "KIND_TYPED_SERIES"),
         (flags::READY, "FLAG_READY"),
         (flags::CLEAN_EXIT, "FLAG_CLEAN_EXIT"),
     ];
     assert_eq!(documented, expected);
     assert_eq!(&layout::MAGIC, b"SHMETRIC");
+}
+
+#[test]
+fn typed_worked_example_matches_the_writer() {
+    let bytes = typed_example_file();
+    let dump = hexdump_c(&bytes);
+    if std::env::var_os("SHMETRICS_PRINT_EXAMPLE").is_some() {
+        println!("{dump}");
+    }
+    let documented = doc_code_block("<!-- typed-example-begin -->", "<!-- typed-example-end -->");
+    assert_eq!(documented, dump, "the second worked example in shm-layout.md differs from the writer's");
+
+    let desc = |name: &str, help: &str, metric_type, value_type, states: &[&str]| MetricDesc {
+        name: name.into(),
+        help: help.into(),
+        metric_type,
+        value_type,
+        gauge_mode: None,
+        label_names: vec![],
+        buckets: vec![],
+        states: states.iter().map(|s| (*s).to_string()).collect(),
+    };
+    let series = |metric_id, values: &[&str], slots, slots_offset| Record::TypedSeries {
+        metric_id,
+        label_values: values.iter().map(|v| (*v).to_string()).collect(),
+        slots,
+        slots_offset,
+    };
+    let expected = vec![
+        (
+            0x1000,
+            56,
+            Record::Metric {
+                id: 0,
+                desc: desc("rpc_seconds", "RPC time.", MetricType::Summary, ValueType::F64, &[]),
+            },
+        ),
+        (0x1038, 40, series(0, &[], 2, 24)),
+        (
+            0x1060,
+            48,
+            Record::Metric { id: 1, desc: desc("build", "Build.", MetricType::Info, ValueType::U64, &[]) },
+        ),
+        (0x1090, 56, series(1, &["version", "1.2"], 1, 48)),
+        (
+            0x10c8,
+            64,
+            Record::Metric {
+                id: 2,
+                desc: desc("state", "State.", MetricType::Enum, ValueType::U64, &["up", "down"]),
+            },
+        ),
+        (0x1108, 40, series(2, &[], 2, 24)),
+    ];
+    assert_eq!(records_of(&bytes), expected);
+    assert_eq!(u64_at(&bytes, 0x1038 + 24), 2, "summary count");
+    assert_eq!(f64::from_bits(u64_at(&bytes, 0x1038 + 32)), 0.75, "summary sum");
+    assert_eq!(u64_at(&bytes, 0x1090 + 48), DOC_SET_NS, "info timestamp");
+    assert_eq!(u64_at(&bytes, 0x1108 + 24), 1, "enum state index: down");
+    assert_eq!(u64_at(&bytes, 0x1108 + 32), DOC_SET_NS, "enum timestamp");
+}
+
+/// A reader of revision 2 knows kinds 1 and 2 only and skips the others by their length. Such a
+/// reader is this one with the kinds 3 and 4 of a file renamed to kinds it does not know: it must
+/// read that file without complaint and find exactly the kind-1/2 metrics, with their values.
+#[test]
+fn a_reader_that_skips_kinds_3_and_4_keeps_the_rest_of_the_file() {
+    use shmetrics::aggregator::{Aggregator, Options};
+    use shmetrics::expose::{encode, Format};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (new_dir, old_dir) = (tmp.path().join("new"), tmp.path().join("old"));
+    std::fs::create_dir(&new_dir).expect("mkdir");
+    std::fs::create_dir(&old_dir).expect("mkdir");
+    let registry = Registry::open(&new_dir).expect("registry");
+    // Kinds 1 and 3 interleaved, series appended out of metric order.
+    let jobs = registry.counter_family("jobs_total", "Jobs.", &["queue"]).expect("counter");
+    let rpc = registry.summary("rpc_seconds", "RPC time.").expect("summary");
+    let temp = registry.gauge("temp", "Temperature.", GaugeMode::Max).expect("gauge");
+    let state = registry.enum_metric("state", "State.", &["up", "down"]).expect("enum");
+    let build = registry.info("build_info", "Build.").expect("info");
+    rpc.observe(2.0);
+    jobs.with_labels(&["a"]).expect("series").inc_by(5);
+    build.set(&[("version", "1")]).expect("info");
+    temp.set(21.5);
+    state.set("down").expect("state");
+    jobs.with_labels(&["b"]).expect("series").inc_by(7);
+
+    let path = registry.path().expect("file");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let used = u64_at(&bytes, header::USED) as usize;
+    let mut off = layout::HEADER_SIZE as usize;
+    let mut renamed = 0;
+    while off < used {
+        let len = record_len(&bytes[off..used]).expect("len");
+        let k = u16::from_le_bytes([bytes[off + 4], bytes[off + 5]]);
+        if k == kind::TYPED_METRIC || k == kind::TYPED_SERIES {
+            bytes[off + 4..off + 6].copy_from_slice(&(0x7f00 | k).to_le_bytes());
+            renamed += 1;
+        }
+        off += len;
+    }
+    assert_eq!(renamed, 6, "three typed metrics and their three series");
+    let name = path.file_name().expect("name");
+    std::fs::write(old_dir.join(name), &bytes).expect("write the old reader's view");
+    // What an old reader decodes: METRIC ids 0, 1 with no gap, series of those only.
+    let old: Vec<Record> = records_of(&bytes[..used]).into_iter().map(|r| r.2).collect();
+    let ids: Vec<u32> =
+        old.iter().filter_map(|r| if let Record::Metric { id, .. } = r { Some(*id) } else { None }).collect();
+    assert_eq!(ids, vec![0, 1]);
+    assert_eq!(old.iter().filter(|r| matches!(r, Record::Unknown)).count(), 6);
+
+    let read = |dir: &std::path::Path| {
+        let opts = Options { read_only: true, ..Options::default() };
+        let mut agg = Aggregator::open(dir, &opts).expect("aggregator");
+        let snap = agg.scrape();
+        assert!(agg.stats().bad_files.is_empty(), "{:?}", agg.stats().bad_files);
+        let text = encode(&snap, Format::Prometheus);
+        text.lines().filter(|l| !l.contains("shmetrics_")).map(|l| format!("{l}\n")).collect::<String>()
+    };
+    let plain = "\
+# HELP jobs_total Jobs.
+# TYPE jobs_total counter
+jobs_total{queue=\"a\"} 5
+jobs_total{queue=\"b\"} 7
+";
+    let gauge = "\
+# HELP temp Temperature.
+# TYPE temp gauge
+temp 21.5
+";
+    assert_eq!(read(&old_dir), format!("{plain}{gauge}"));
+    let typed = "\
+# HELP build_info Build.
+# TYPE build_info gauge
+build_info{version=\"1\"} 1
+";
+    let rpc = "\
+# HELP rpc_seconds RPC time.
+# TYPE rpc_seconds summary
+rpc_seconds_count 1.0
+rpc_seconds_sum 2.0
+# HELP state State.
+# TYPE state gauge
+state{state=\"up\"} 0
+state{state=\"down\"} 1
+";
+    assert_eq!(read(&new_dir), format!("{typed}{plain}{rpc}{gauge}"));
 }

@@ -323,6 +323,20 @@ pub fn require_python() -> String {
     py
 }
 
+/// Runs `cmd` with `input` on its stdin; whether it succeeded, and its stdout and stderr.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> (bool, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 /// Scrapes `/metrics` as OpenMetrics (what Prometheus asks for) and checks that
 /// prometheus_client's OpenMetrics parser accepts all of it (the parser checks more than
 /// Prometheus does: counter-like samples neither NaN nor negative, histogram `_sum`/`_count`
