@@ -214,13 +214,14 @@ impl Value {
                 }
             }
             Rule::State(states) => {
-                // Timestamp first (acquire), then the index stored before it; 0: never set.
+                // Timestamp first (acquire), then the index stored before it. Timestamp 0: never
+                // set, so in the initial state (the first), which any set outranks — as
+                // prometheus_client shows an enum nobody set in its first state.
                 let ts = slots.get(1).map_or(0, |a| a.load(Ordering::Acquire));
-                if ts != 0 {
-                    match u32::try_from(word(0)).ok().filter(|i| *i < u32::from(states)) {
-                        Some(index) => self.combine(rule, &Value::State { ts, index }),
-                        None => return false,
-                    }
+                let index = if ts == 0 { Some(0) } else { u32::try_from(word(0)).ok() };
+                match index.filter(|i| *i < u32::from(states)) {
+                    Some(index) => self.combine(rule, &Value::State { ts, index }),
+                    None => return false,
                 }
             }
             Rule::Hist => {
@@ -732,8 +733,8 @@ mod tests {
         let rule = Rule::of(&typed(MetricType::Enum, &["x", "y", "z"]));
         assert_eq!(rule, Rule::State(3));
         let mut acc = Value::Unset;
-        assert!(acc.add_slots(rule, &slots(&[2, 0])), "never set: valid, no contribution");
-        assert!(acc.is_unset());
+        assert!(acc.add_slots(rule, &slots(&[2, 0])), "never set: valid, the initial state");
+        assert_eq!(acc, Value::State { ts: 0, index: 0 }, "an index without a timestamp is a set in flight");
         assert!(acc.add_slots(rule, &slots(&[1, 50])));
         assert!(!acc.add_slots(rule, &slots(&[3, 90])), "index 3 of 3 states");
         assert!(acc.add_slots(rule, &slots(&[0, 40])));

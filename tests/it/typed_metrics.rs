@@ -113,6 +113,31 @@ fn forked_writers_merge_summary_info_and_enum_and_the_last_live_writer_wins() {
     assert_eq!(s.get("shmetrics_invalid_values"), Some(&0.0));
     assert_eq!(s.get("shmetrics_metric_conflicts"), Some(&0.0));
 
+    // The last worker dies too: only the master lives, which registered the enums and never set
+    // them, so they show their first state (as prometheus_client shows an enum nobody set); no
+    // live process set the info, so it has no sample.
+    kill(Pid::from_raw(pids[0]), Signal::SIGKILL).expect("kill");
+    let s = util::wait_for(LONG, "the third worker folded", || {
+        let s = samples_of(served.addr);
+        (s.get("shmetrics_workers_dead_total") == Some(&3.0)).then_some(s)
+    });
+    let tw: Vec<(String, f64)> =
+        s.iter().filter(|(k, _)| k.starts_with("tw_")).map(|(k, v)| (k.clone(), *v)).collect();
+    let want: Vec<(String, f64)> = [
+        ("tw_job_state{job=\"j\",tw_job_state=\"busy\"}", 0.0),
+        ("tw_job_state{job=\"j\",tw_job_state=\"down\"}", 0.0),
+        ("tw_job_state{job=\"j\",tw_job_state=\"idle\"}", 1.0),
+        ("tw_latency_seconds_count", 6.0),
+        ("tw_latency_seconds_sum", 7.5),
+        ("tw_state{tw_state=\"busy\"}", 0.0),
+        ("tw_state{tw_state=\"down\"}", 0.0),
+        ("tw_state{tw_state=\"idle\"}", 1.0),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_string(), *v))
+    .collect();
+    assert_eq!(tw, want);
+
     master.signal(Signal::SIGTERM);
     master.wait_timeout(LONG);
 }
