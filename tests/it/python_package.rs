@@ -278,3 +278,52 @@ fn set_ready_drives_healthz() {
     assert_eq!((status, text.trim()), (200, "OK"), "ready: {ready:?}");
     ps::stop(run);
 }
+
+/// The API in one process and three forked children (`tests/python/pkg_api.py`), exact values
+/// after all four exited cleanly; and the same script without `SHMETRICS_DIR` (private memory).
+#[test]
+fn api_in_a_process_and_its_forked_children() {
+    let site = require_package();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mp");
+    let served = util::serve(&dir, &["--upkeep-interval", "0.2"]);
+    let script = ps::root().join("tests/python/pkg_api.py");
+    let py = util::python();
+    let out =
+        std::process::Command::new(&py).arg(&script).env("SHMETRICS_DIR", &dir).output().expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with(&format!("ok {}/w-", dir.display())), "{stdout}");
+
+    let s = util::wait_for(LONG, "the 4 files folded", || {
+        let s = util::samples(&util::scrape(served.addr));
+        (s.get("shmetrics_workers_dead_total") == Some(&4.0)).then_some(s)
+    });
+    assert_eq!(s.get("shmetrics_workers_crashed_total"), Some(&0.0), "all four exited cleanly");
+    let get = |k: &str| s.get(k).copied().unwrap_or_else(|| panic!("no {k}"));
+    assert_eq!(get(r#"api_requests_total{method="GET",code="200"}"#), 4.5);
+    assert_eq!(get("ns_sub_sent_bytes_total"), 3.0);
+    assert_eq!(get("api_plain_total"), 0.0);
+    assert_eq!(get("api_exceptions_total"), 2.0, "one ValueError in a block, one decorated call");
+    assert_eq!(get("api_in_progress"), 0.0);
+    assert!(get("api_clock") > 1.7e9, "set_to_current_time: {}", get("api_clock"));
+    assert_eq!(get(r#"api_latency_seconds_bucket{le="0.1"}"#), 1.0);
+    assert_eq!(get(r#"api_latency_seconds_bucket{le="1.0"}"#), 2.0);
+    assert_eq!(get(r#"api_latency_seconds_bucket{le="+Inf"}"#), 3.0);
+    assert_eq!(get("api_latency_seconds_sum"), 5.55);
+    assert_eq!(get(r#"api_timed_seconds_count{kind="decorated"}"#), 3.0);
+    assert_eq!(get(r#"api_timed_seconds_count{kind="block"}"#), 1.0);
+    assert_eq!(get(r#"api_forked_total{who="child"}"#), 300.0);
+    assert_eq!(get(r#"api_forked_total{who="parent"}"#), 1.0);
+    assert_eq!(get("api_after_fork_total"), 3.0);
+
+    // Unexported: the same script runs, nothing is written.
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .env_remove("SHMETRICS_DIR")
+        .env("PYTHONPATH", &site)
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok None\n");
+}
