@@ -262,10 +262,48 @@ fn registry() -> &'static Registry {
 /// `#[pymethods]` of a metric class: its own methods, plus what every class has (`labels`,
 /// `remove`, `clear`, `__repr__`). Every class has the fields `meta`, `node` and `labels` (the
 /// label values of a child, empty otherwise).
+///
+/// The constructor takes prometheus_client's common arguments, then the class's own (`extra`,
+/// with defaults); `register` makes the writer's family from the full name, the documentation,
+/// the label names and the extra arguments.
 macro_rules! metric_methods {
-    ($class:ident, $($own:tt)*) => {
+    (
+        $class:ident, kind = $kind:literal,
+        extra = ($($p:ident: $t:ty = $d:expr),*),
+        register = |$name:ident, $doc:ident, $labels:ident| $register:expr,
+        $($own:tt)*
+    ) => {
         #[pymethods]
         impl $class {
+            #[new]
+            #[pyo3(signature = (name, documentation, labelnames=None, namespace="", subsystem="", unit="", registry=None $(, $p=$d)*))]
+            fn new(
+                py: Python<'_>,
+                name: &str,
+                documentation: &str,
+                labelnames: Option<&Bound<'_, PyAny>>,
+                namespace: &str,
+                subsystem: &str,
+                unit: &str,
+                registry: Option<&Bound<'_, PyAny>>,
+                $($p: $t),*
+            ) -> PyResult<Self> {
+                let _ = registry; // one registry per process: the process's file
+                let meta = Meta {
+                    kind: $kind,
+                    name: full_name($kind, name, namespace, subsystem, unit)?,
+                    labelnames: names(labelnames)?,
+                };
+                let refs: Vec<&str> = meta.labelnames.iter().map(String::as_str).collect();
+                let family = {
+                    let ($name, $doc, $labels) = (meta.name.as_str(), documentation, refs.as_slice());
+                    $register
+                }
+                .map_err(py_err)?;
+                let node = Node::new(py, family, &meta)?;
+                Ok($class { meta: Arc::new(meta), node, labels: Vec::new() })
+            }
+
             $($own)*
 
             /// The child of these label values (cached): `labels('GET')`, `labels(method='GET')`.
@@ -313,31 +351,9 @@ struct Counter {
     labels: Vec<String>,
 }
 
-metric_methods! { Counter,
+metric_methods! { Counter, kind = "counter", extra = (),
+    register = |name, doc, labels| registry().counter_f64_family(name, doc, labels),
 
-    #[new]
-    #[pyo3(signature = (name, documentation, labelnames=None, namespace="", subsystem="", unit="", registry=None))]
-    fn new(
-        py: Python<'_>,
-        name: &str,
-        documentation: &str,
-        labelnames: Option<&Bound<'_, PyAny>>,
-        namespace: &str,
-        subsystem: &str,
-        unit: &str,
-        registry: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let _ = registry;
-        let meta = Meta {
-            kind: "counter",
-            name: full_name("counter", name, namespace, subsystem, unit)?,
-            labelnames: names(labelnames)?,
-        };
-        let refs: Vec<&str> = meta.labelnames.iter().map(String::as_str).collect();
-        let family = crate::registry().counter_f64_family(&meta.name, documentation, &refs).map_err(py_err)?;
-        let node = Node::new(py, family, &meta)?;
-        Ok(Counter { meta: Arc::new(meta), node, labels: Vec::new() })
-    }
 
     /// Adds `amount` (default 1; floats allowed). Negative or NaN: `ValueError`.
     #[pyo3(signature = (amount=1.0, exemplar=None))]
@@ -385,34 +401,13 @@ struct Gauge {
     labels: Vec<String>,
 }
 
-metric_methods! { Gauge,
-
-    #[new]
-    #[pyo3(signature = (name, documentation, labelnames=None, namespace="", subsystem="", unit="", registry=None, multiprocess_mode="all"))]
-    fn new(
-        py: Python<'_>,
-        name: &str,
-        documentation: &str,
-        labelnames: Option<&Bound<'_, PyAny>>,
-        namespace: &str,
-        subsystem: &str,
-        unit: &str,
-        registry: Option<&Bound<'_, PyAny>>,
-        multiprocess_mode: &str,
-    ) -> PyResult<Self> {
-        let _ = registry;
+metric_methods! { Gauge, kind = "gauge", extra = (multiprocess_mode: &str = "all"),
+    register = |name, doc, labels| {
         let mode = GaugeMode::parse(multiprocess_mode)
             .ok_or_else(|| PyValueError::new_err(format!("Invalid multiprocess mode: {multiprocess_mode}")))?;
-        let meta = Meta {
-            kind: "gauge",
-            name: full_name("gauge", name, namespace, subsystem, unit)?,
-            labelnames: names(labelnames)?,
-        };
-        let refs: Vec<&str> = meta.labelnames.iter().map(String::as_str).collect();
-        let family = crate::registry().gauge_family(&meta.name, documentation, mode, &refs).map_err(py_err)?;
-        let node = Node::new(py, family, &meta)?;
-        Ok(Gauge { meta: Arc::new(meta), node, labels: Vec::new() })
-    }
+        registry().gauge_family(name, doc, mode, labels)
+    },
+
 
     /// Adds `amount` (default 1).
     #[pyo3(signature = (amount=1.0))]
@@ -507,34 +502,9 @@ struct Histogram {
     labels: Vec<String>,
 }
 
-metric_methods! { Histogram,
+metric_methods! { Histogram, kind = "histogram", extra = (buckets: Option<&Bound<'_, PyAny>> = None),
+    register = |name, doc, labels| registry().histogram_family(name, doc, &bucket_bounds(buckets)?, labels),
 
-    #[new]
-    #[pyo3(signature = (name, documentation, labelnames=None, namespace="", subsystem="", unit="", registry=None, buckets=None))]
-    fn new(
-        py: Python<'_>,
-        name: &str,
-        documentation: &str,
-        labelnames: Option<&Bound<'_, PyAny>>,
-        namespace: &str,
-        subsystem: &str,
-        unit: &str,
-        registry: Option<&Bound<'_, PyAny>>,
-        buckets: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let _ = registry;
-        let meta = Meta {
-            kind: "histogram",
-            name: full_name("histogram", name, namespace, subsystem, unit)?,
-            labelnames: names(labelnames)?,
-        };
-        let bounds = bucket_bounds(buckets)?;
-        let refs: Vec<&str> = meta.labelnames.iter().map(String::as_str).collect();
-        let family =
-            crate::registry().histogram_family(&meta.name, documentation, &bounds, &refs).map_err(py_err)?;
-        let node = Node::new(py, family, &meta)?;
-        Ok(Histogram { meta: Arc::new(meta), node, labels: Vec::new() })
-    }
 
     /// Records one observation.
     #[pyo3(signature = (amount, exemplar=None))]
