@@ -108,7 +108,8 @@ enum Stored {
 impl Stored {
     fn of(v: &Value) -> Option<Stored> {
         Some(match v {
-            Value::Unset => return None,
+            // Info and enum values die with their writers: never archived.
+            Value::Unset | Value::Info { .. } | Value::State { .. } => return None,
             Value::U64(n) => Stored::U64(*n),
             Value::F64(f) => Stored::F64Bits(f.to_bits()),
             Value::Recent { ts, v } => Stored::Recent { ts: *ts, bits: v.to_bits() },
@@ -160,6 +161,7 @@ fn desc_of(f: &Family) -> Option<MetricDesc> {
         gauge_mode,
         label_names: Vec::new(),
         buckets: Vec::new(),
+        states: Vec::new(),
     })
 }
 

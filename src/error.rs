@@ -16,13 +16,17 @@ pub enum Error {
     /// gauges) or repeated.
     #[error(
         "invalid label name in {0}: label names must match [a-zA-Z_][a-zA-Z0-9_]*, must not start \
-         with __, must be unique, and `le` (histograms) and `pid` (gauges in mode all/liveall) are \
-         reserved"
+         with __, must be unique, and `le` (histograms), `pid` (gauges in mode all/liveall) and the \
+         metric's own name (enums) are reserved; info keys must not repeat the metric's label names"
     )]
     InvalidLabelName(String),
     /// A label value is too long (over 64 KiB).
     #[error("label value for {0} is longer than 64 KiB")]
     InvalidLabelValue(String),
+    /// A value a handle was given, or a definition's states, is not allowed (an enum state that is
+    /// not one of its states, an index out of range, states that are empty or repeated).
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
     /// Histogram bucket bounds are not finite and strictly increasing.
     #[error("invalid histogram buckets for {0}")]
     InvalidBuckets(String),

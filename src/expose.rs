@@ -175,6 +175,8 @@ fn push_value(out: &mut String, v: &Value) {
     match v {
         Value::U64(n) => push_u64(out, *n),
         Value::F64(f) | Value::Recent { v: f, .. } => push_f64(out, *f),
+        Value::Info { .. } => out.push('1'),
+        Value::State { index, .. } => push_u64(out, u64::from(*index)),
         Value::Hist { .. } | Value::Summary { .. } | Value::Unset => out.push_str("NaN"),
     }
 }
@@ -183,11 +185,16 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
     let d = &f.meta.desc;
     let name = d.name.as_str();
     // Prometheus text names the counter family by its sample name; OpenMetrics by the base name.
+    // Likewise an info family (0.0.4 has no info type: it is the gauge `<name>_info` there).
     let family_name_suffix = match (d.metric_type, format) {
         (MetricType::Counter, Format::Prometheus) => "_total",
+        (MetricType::Info, Format::Prometheus) => "_info",
         _ => "",
     };
-    let type_word = d.metric_type.as_str();
+    let type_word = match format {
+        Format::OpenMetrics => d.metric_type.as_str(),
+        Format::Prometheus => d.metric_type.as_str_004(),
+    };
     if format == Format::OpenMetrics {
         push_meta(out, "TYPE", name, family_name_suffix);
         out.push_str(type_word);
@@ -250,6 +257,22 @@ fn encode_family(out: &mut String, f: &SnapFamily, format: Format) {
                 push_value(out, v);
                 out.push('\n');
             }
+            (MetricType::Info, v) => {
+                push_sample_head(out, name, "_info", labels, None);
+                push_value(out, v);
+                out.push('\n');
+            }
+            (MetricType::Enum, Value::State { index, .. }) => {
+                // One sample per state, labelled with the metric's own name (prometheus_client).
+                let mut state = String::new();
+                for (i, s) in d.states.iter().enumerate() {
+                    state.clear();
+                    crate::merge::escape_label_value(s, &mut state);
+                    push_sample_head(out, name, "", labels, Some((name, &state)));
+                    out.push(if i == *index as usize { '1' } else { '0' });
+                    out.push('\n');
+                }
+            }
             (_, v) => {
                 push_sample_head(out, name, "", labels, None);
                 push_value(out, v);
@@ -274,11 +297,11 @@ pub fn encode_with(snapshot: &Snapshot, extra: &[SnapFamily], format: Format) ->
         .chain(extra)
         .map(|f| {
             f.series.len()
-                * (if f.meta.desc.metric_type == MetricType::Histogram {
-                    f.meta.desc.buckets.len() + 3
-                } else {
-                    1
-                })
+                * match f.meta.desc.metric_type {
+                    MetricType::Histogram => f.meta.desc.buckets.len() + 3,
+                    MetricType::Enum => f.meta.desc.states.len(),
+                    _ => 1,
+                }
         })
         .sum();
     let mut out = String::with_capacity(lines * 72 + 1024);
@@ -308,6 +331,7 @@ mod tests {
                 gauge_mode: None,
                 label_names: vec!["code".into()],
                 buckets: vec![],
+                states: Vec::new(),
             })
             .unwrap();
         let h = m
@@ -319,6 +343,7 @@ mod tests {
                 gauge_mode: None,
                 label_names: vec![],
                 buckets: vec![0.5, 1.0],
+                states: Vec::new(),
             })
             .unwrap();
         let a = m.series_for(c, vec![("code".into(), "2\"0\n0".into())]);
@@ -361,6 +386,7 @@ mod tests {
             gauge_mode: None,
             label_names: vec!["k".into()],
             buckets,
+            states: Vec::new(),
         };
         let h = m.family_for(&desc("h", MetricType::Histogram, vec![1.0])).unwrap();
         let nb = m.family_for(&desc("nb", MetricType::Histogram, vec![-1.0, 1.0])).unwrap();

@@ -139,4 +139,7 @@ pub(crate) mod trust;
 
 pub use error::{Error, Result};
 pub use layout::GaugeMode;
-pub use writer::{Counter, CounterF64, Family, Gauge, Histogram, HistogramTimer, Registry, DEFAULT_BUCKETS};
+pub use writer::{
+    Counter, CounterF64, Enum, Family, Gauge, Histogram, HistogramTimer, Info, Registry, Summary,
+    SummaryTimer, Timer, DEFAULT_BUCKETS,
+};

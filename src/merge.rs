@@ -6,7 +6,8 @@
 //! once, when a merged series is created, so the encoders only copy it.
 //!
 //! How values combine, per family:
-//! - counters and histograms are summed (histograms bucket by bucket, plus the sum);
+//! - counters, histograms and summaries are summed (histograms bucket by bucket, plus the sum);
+//! - info and enum: per label set, the value a live process set last wins (`live*` like);
 //! - gauges follow their [`GaugeMode`]: sum, max, min, most recent by timestamp, or one series per
 //!   process with a `pid` label. `live*` modes ignore dead processes; the others keep what a dead
 //!   process last wrote, through the archive.
@@ -42,6 +43,7 @@ impl FamilyMeta {
                 gauge_mode: (t == MetricType::Gauge).then_some(GaugeMode::Sum),
                 label_names: label_names.clone(),
                 buckets: Vec::new(),
+                states: Vec::new(),
             },
             label_names,
         })
@@ -108,6 +110,19 @@ pub enum Value {
         /// Sum of observations.
         sum: f64,
     },
+    /// Info series (its labels hold the key/value pairs): when a process last chose this value
+    /// set, unix ns. Exposed as 1; of the series of one label set only the latest is exposed.
+    Info {
+        /// Timestamp of the `set`, unix ns.
+        ts: u64,
+    },
+    /// Enum: the state set last (index into the family's states) and when, unix ns.
+    State {
+        /// Timestamp of the set, unix ns.
+        ts: u64,
+        /// Index of the state.
+        index: u32,
+    },
 }
 
 /// How a family combines contributions.
@@ -129,6 +144,10 @@ pub(crate) enum Rule {
     Hist,
     /// Count and sum added.
     Summary,
+    /// Info: the latest timestamp wins.
+    Info,
+    /// Enum of this many states: the latest timestamp wins; an index out of range is ignored.
+    State(u16),
 }
 
 impl Rule {
@@ -139,6 +158,9 @@ impl Rule {
             (MetricType::Counter, ValueType::F64, _) => Rule::AddF64,
             (MetricType::Histogram, _, _) => Rule::Hist,
             (MetricType::Summary, _, _) => Rule::Summary,
+            (MetricType::Info, _, _) => Rule::Info,
+            // At most MAX_STATES (512) states, checked when the record was decoded.
+            (MetricType::Enum, _, _) => Rule::State(d.states.len() as u16),
             (MetricType::Gauge, _, Some(GaugeMode::Max)) => Rule::Max,
             (MetricType::Gauge, _, Some(GaugeMode::Min)) => Rule::Min,
             (MetricType::Gauge, _, Some(GaugeMode::MostRecent)) => Rule::Recent,
@@ -154,15 +176,23 @@ impl Value {
         matches!(self, Value::Unset)
     }
 
-    /// Combines raw slots (as a writer laid them out) into this accumulator.
+    /// Combines raw slots (as a writer laid them out) into this accumulator. Returns `false` if
+    /// the slots hold a value that is not valid (an enum state index out of range), which is then
+    /// ignored: that writer has not set the series.
     #[inline]
-    pub(crate) fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) {
+    pub(crate) fn add_slots(&mut self, rule: Rule, slots: &[AtomicU64]) -> bool {
         let word = |i: usize| slots.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
         let f = |i: usize| f64::from_bits(word(i));
         // The hot cases add in place; the rest go through `combine`.
         match (rule, &mut *self) {
-            (Rule::AddU64, Value::U64(a)) => return *a = a.wrapping_add(word(0)),
-            (Rule::AddF64, Value::F64(a)) => return *a += f(0),
+            (Rule::AddU64, Value::U64(a)) => {
+                *a = a.wrapping_add(word(0));
+                return true;
+            }
+            (Rule::AddF64, Value::F64(a)) => {
+                *a += f(0);
+                return true;
+            }
             _ => {}
         }
         match rule {
@@ -173,6 +203,24 @@ impl Value {
                 let ts = slots.get(1).map_or(0, |a| a.load(Ordering::Acquire));
                 if ts != 0 {
                     self.combine(rule, &Value::Recent { ts, v: f(0) });
+                }
+            }
+            Rule::Summary => self.combine(rule, &Value::Summary { count: word(0) as f64, sum: f(1) }),
+            Rule::Info => {
+                // Timestamp 0: this process never chose this value set.
+                let ts = slots.first().map_or(0, |a| a.load(Ordering::Acquire));
+                if ts != 0 {
+                    self.combine(rule, &Value::Info { ts });
+                }
+            }
+            Rule::State(states) => {
+                // Timestamp first (acquire), then the index stored before it; 0: never set.
+                let ts = slots.get(1).map_or(0, |a| a.load(Ordering::Acquire));
+                if ts != 0 {
+                    match u32::try_from(word(0)).ok().filter(|i| *i < u32::from(states)) {
+                        Some(index) => self.combine(rule, &Value::State { ts, index }),
+                        None => return false,
+                    }
                 }
             }
             Rule::Hist => {
@@ -192,6 +240,7 @@ impl Value {
             }
             _ => self.combine(rule, &Value::F64(f(0))),
         }
+        true
     }
 
     /// Combines another value into this accumulator.
@@ -211,6 +260,13 @@ impl Value {
             (Rule::Recent, Value::Recent { ts, v }, Value::Recent { ts: t2, v: v2 }) => {
                 if *t2 >= *ts {
                     (*ts, *v) = (*t2, *v2);
+                }
+            }
+            (Rule::Info, Value::Info { ts }, Value::Info { ts: t2 }) => *ts = (*ts).max(*t2),
+            // Ties (the same nanosecond) go to the larger index: the same answer in every scrape.
+            (Rule::State(_), Value::State { ts, index }, Value::State { ts: t2, index: i2 }) => {
+                if (*t2, *i2) > (*ts, *index) {
+                    (*ts, *index) = (*t2, *i2);
                 }
             }
             (Rule::Summary, Value::Summary { count, sum }, Value::Summary { count: c2, sum: s2 }) => {
@@ -309,6 +365,9 @@ struct MFamily {
 struct MSeries {
     family: u32,
     labels: Arc<LabelSet>,
+    /// Info series: how many leading label pairs are the metric's labels (the rest are its value
+    /// set); series with the same leading pairs compete for the one exposed value.
+    info_base: usize,
 }
 
 /// A family in a [`Snapshot`].
@@ -395,9 +454,11 @@ impl Merger {
             // between versions of an app running side by side (a rolling deploy): series are
             // told apart by their labels and carry their own bucket bounds, as prometheus_client's
             // MultiProcessCollector merges by key.
+            // An enum's state indices mean its own states: they are part of what the family is.
             let same = existing.metric_type == desc.metric_type
                 && existing.value_type == desc.value_type
-                && existing.gauge_mode == desc.gauge_mode;
+                && existing.gauge_mode == desc.gauge_mode
+                && existing.states == desc.states;
             return same.then_some(i);
         }
         let mut label_names = desc.label_names.clone();
@@ -425,10 +486,24 @@ impl Merger {
         }
         let i = self.series.len() as u32;
         self.families[fam as usize].series.push(i);
-        self.series.push(MSeries { family: fam, labels: Arc::new(LabelSet::new(key.1.clone())) });
+        let info_base = key.1.len();
+        self.series.push(MSeries { family: fam, labels: Arc::new(LabelSet::new(key.1.clone())), info_base });
         self.archive.push(Value::Unset);
         self.by_key.insert(key, i);
         i
+    }
+
+    /// The merged series of an info family with these labels: the metric's `base` label pairs,
+    /// then its value set's pairs. Created on first sight.
+    pub(crate) fn info_series_for(&mut self, fam: u32, pairs: Vec<(String, String)>, base: usize) -> u32 {
+        let n = self.series.len();
+        let idx = self.series_for(fam, pairs);
+        if idx as usize == n {
+            if let Some(s) = self.series.get_mut(n) {
+                s.info_base = base;
+            }
+        }
+        idx
     }
 
     /// The bucket bounds of histogram series `idx`.
@@ -480,10 +555,11 @@ impl Merger {
         self.families[self.series[idx as usize].family as usize].rule
     }
 
-    /// Whether the family of series `idx` is a live-mode gauge (dead processes' values dropped).
+    /// Whether the family of series `idx` drops dead processes' values (live-mode gauges, info,
+    /// enum).
     pub(crate) fn family_is_live(&self, idx: u32) -> bool {
         let fam = &self.families[self.series[idx as usize].family as usize];
-        fam.meta.desc.gauge_mode.is_some_and(GaugeMode::is_live)
+        fam.meta.desc.drops_dead()
     }
 
     /// Number of merged series in the table.
@@ -515,7 +591,7 @@ impl Merger {
     pub(crate) fn archive_slots(&mut self, idx: u32, slots: &[AtomicU64]) {
         let rule = self.rule(idx);
         if let Some(a) = self.archive.get_mut(idx as usize) {
-            a.add_slots(rule, slots);
+            let _ = a.add_slots(rule, slots);
         }
     }
 
@@ -551,17 +627,46 @@ impl Merger {
         m
     }
 
+    /// Of the set series of an info family (with the number of leading label pairs that are the
+    /// metric's labels), keeps per metric label set the one chosen last; ties go to the greater
+    /// label text, so every scrape gives the same answer.
+    fn latest_info(set: Vec<(Arc<LabelSet>, Value, usize)>) -> Vec<(Arc<LabelSet>, Value)> {
+        let ts = |v: &Value| if let Value::Info { ts } = v { *ts } else { 0 };
+        let key = |l: &LabelSet, base: usize| l.pairs[..base.min(l.pairs.len())].to_vec();
+        let mut best: HashMap<Vec<(String, String)>, (u64, &str)> = HashMap::new();
+        for (l, v, base) in &set {
+            let b = best.entry(key(l, *base)).or_insert((ts(v), l.text.as_str()));
+            if (ts(v), l.text.as_str()) > *b {
+                *b = (ts(v), l.text.as_str());
+            }
+        }
+        let keep: Vec<bool> = set
+            .iter()
+            .map(|(l, v, base)| best.get(&key(l, *base)) == Some(&(ts(v), l.text.as_str())))
+            .collect();
+        set.into_iter().zip(keep).filter(|(_, k)| *k).map(|((l, v, _), _)| (l, v)).collect()
+    }
+
     /// Builds the snapshot from this scrape's accumulators (consumed).
     pub(crate) fn snapshot(&self, mut accs: Vec<Value>) -> Snapshot {
         let mut families = Vec::with_capacity(self.order.len());
         for &fi in &self.order {
             let f = &self.families[fi as usize];
             let mut series = Vec::with_capacity(f.series.len());
+            let mut info = Vec::new();
             for &si in &f.series {
                 let v = accs.get_mut(si as usize).map_or(Value::Unset, std::mem::take);
                 if !v.is_unset() {
-                    series.push((Arc::clone(&self.series[si as usize].labels), v));
+                    let s = &self.series[si as usize];
+                    if f.rule == Rule::Info {
+                        info.push((Arc::clone(&s.labels), v, s.info_base));
+                    } else {
+                        series.push((Arc::clone(&s.labels), v));
+                    }
                 }
+            }
+            if !info.is_empty() {
+                series = Merger::latest_info(info);
             }
             if !series.is_empty() {
                 families.push(SnapFamily { meta: Arc::clone(&f.meta), series });
@@ -584,6 +689,7 @@ mod tests {
             gauge_mode: Some(mode),
             label_names: vec!["a".into()],
             buckets: vec![],
+            states: Vec::new(),
         }
     }
 
@@ -628,6 +734,7 @@ mod tests {
             gauge_mode: None,
             label_names: vec![],
             buckets: vec![0.1, 1.0],
+            states: Vec::new(),
         };
         let f = m.family_for(&h).unwrap();
         let s = m.series_for(f, vec![]);

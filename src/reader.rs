@@ -168,8 +168,12 @@ pub struct WorkerFile {
     pub start_time_ns: u64,
     /// Random file id.
     pub file_id: [u8; 16],
-    /// METRIC records, by id.
+    /// METRIC and TYPED_METRIC records, in file order ([`SeriesRef::metric_id`] indexes this).
     pub metrics: Vec<MetricDesc>,
+    /// Index into `metrics` of each METRIC record, by its id.
+    plain_ids: Vec<u32>,
+    /// Index into `metrics` of each TYPED_METRIC record, by its id (a sequence of its own).
+    typed_ids: Vec<u32>,
     /// SERIES records, in file order.
     pub series: Vec<SeriesRef>,
     buf: Vec<u8>,
@@ -193,6 +197,8 @@ impl WorkerFile {
             start_time_ns: 0,
             file_id: [0; 16],
             metrics: Vec::new(),
+            plain_ids: Vec::new(),
+            typed_ids: Vec::new(),
             series: Vec::new(),
             buf: Vec::new(),
         };
@@ -287,27 +293,24 @@ impl WorkerFile {
             let len = layout::record_len(buf).map_err(bad)?;
             match layout::decode_record(&buf[..len]).map_err(bad)? {
                 Record::Metric { id, desc } => {
-                    if id as usize != self.metrics.len() {
+                    // Kinds 1 and 3 each number their records 0, 1, 2, ...
+                    let ids =
+                        if desc.metric_type.is_typed() { &mut self.typed_ids } else { &mut self.plain_ids };
+                    if id as usize != ids.len() {
                         return Err((BadReason::Corrupt, format!("metric id {id} out of sequence")));
                     }
+                    ids.push(self.metrics.len() as u32);
                     self.metrics.push(desc);
                 }
                 Record::Series { metric_id, label_values, slots, slots_offset } => {
-                    let desc = self.metrics.get(metric_id as usize).ok_or_else(|| {
-                        (BadReason::Corrupt, format!("series of unknown metric {metric_id}"))
-                    })?;
-                    if label_values.len() != desc.label_names.len() || slots as usize != desc.slots() {
-                        return Err((
-                            BadReason::Corrupt,
-                            format!("series of {} does not match its metric", desc.name),
-                        ));
-                    }
-                    self.series.push(SeriesRef {
-                        metric_id,
-                        label_values,
-                        slots_at: at + u64::from(slots_offset),
-                        slots,
-                    });
+                    let s =
+                        self.series_of(false, metric_id, label_values, slots, at + u64::from(slots_offset))?;
+                    self.series.push(s);
+                }
+                Record::TypedSeries { metric_id, label_values, slots, slots_offset } => {
+                    let s =
+                        self.series_of(true, metric_id, label_values, slots, at + u64::from(slots_offset))?;
+                    self.series.push(s);
                 }
                 Record::Unknown => {}
             }
@@ -315,6 +318,32 @@ impl WorkerFile {
             at += len as u64;
         }
         Ok(())
+    }
+
+    /// Checks a series record against its metric (of kind 3 if `typed`, else of kind 1).
+    fn series_of(
+        &self,
+        typed: bool,
+        metric_id: u32,
+        label_values: Vec<String>,
+        slots: u32,
+        slots_at: u64,
+    ) -> std::result::Result<SeriesRef, (BadReason, String)> {
+        let ids = if typed { &self.typed_ids } else { &self.plain_ids };
+        let index = ids.get(metric_id as usize).copied();
+        let desc = index.and_then(|i| self.metrics.get(i as usize));
+        let (Some(index), Some(desc)) = (index, desc) else {
+            return Err((BadReason::Corrupt, format!("series of unknown metric {metric_id}")));
+        };
+        let values_ok = if desc.metric_type == layout::MetricType::Info {
+            layout::check_info_values(desc, &label_values).is_ok()
+        } else {
+            label_values.len() == desc.label_names.len()
+        };
+        if !values_ok || slots as usize != desc.slots() {
+            return Err((BadReason::Corrupt, format!("series of {} does not match its metric", desc.name)));
+        }
+        Ok(SeriesRef { metric_id: index, label_values, slots_at, slots })
     }
 
     /// Calls `f(series index, slots)` for every parsed series, reading slots atomically.

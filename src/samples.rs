@@ -44,10 +44,13 @@ pub fn le_text(bound: Option<f64>) -> String {
     s
 }
 
-/// A plain value as a number (`NaN` for histograms, summaries and unset values).
+/// A plain value as a number (`NaN` for histograms, summaries and unset values; 1 for info, the
+/// state index for an enum).
 pub fn number(v: &Value) -> f64 {
     match v {
         Value::U64(n) => *n as f64,
+        Value::Info { .. } => 1.0,
+        Value::State { index, .. } => f64::from(*index),
         Value::F64(x) | Value::Recent { v: x, .. } => *x,
         Value::Hist { .. } | Value::Summary { .. } | Value::Unset => f64::NAN,
     }
@@ -62,7 +65,8 @@ fn with(base: &LabelSet, extra: Option<(&str, String)>) -> Vec<(String, String)>
 }
 
 /// Every sample of a snapshot, in exposition order (Prometheus text: histograms with `_count`
-/// and `_sum`, summaries with both, unset values left out).
+/// and `_sum`, summaries with both, info as `_info`, an enum as one 0/1 sample per state,
+/// unset values left out).
 pub fn flatten(snap: &Snapshot) -> Vec<Sample> {
     let mut out = Vec::new();
     for f in &snap.families {
@@ -84,6 +88,12 @@ pub fn flatten(snap: &Snapshot) -> Vec<Sample> {
                 (_, Value::Summary { count, sum }) => {
                     out.push(sample("_count", with(labels, None), *count));
                     out.push(sample("_sum", with(labels, None), *sum));
+                }
+                (MetricType::Enum, Value::State { index, .. }) => {
+                    for (i, s) in d.states.iter().enumerate() {
+                        let value = if i == *index as usize { 1.0 } else { 0.0 };
+                        out.push(sample("", with(labels, Some((&d.name, s.clone()))), value));
+                    }
                 }
                 (_, v) => out.push(Sample {
                     name: d.sample_name().into_owned(),
@@ -112,6 +122,7 @@ mod tests {
             gauge_mode: None,
             label_names: vec!["k".into()],
             buckets: vec![0.5, 1.0],
+            states: Vec::new(),
         };
         SnapFamily {
             meta: Arc::new(FamilyMeta { label_names: desc.label_names.clone(), desc }),

@@ -127,6 +127,9 @@ pub struct Stats {
     pub corrupt_archives: usize,
     /// Dead workers' files folded but not removed yet (waiting for the archive to be saved).
     pub pending_removal: usize,
+    /// Series whose slots held an invalid value in the last scrape (an enum state index out of
+    /// range): ignored, as if that writer had not set them.
+    pub invalid_values: usize,
 }
 
 /// Options of an aggregator.
@@ -283,14 +286,18 @@ impl Aggregator {
         let mut accs = Vec::new();
         self.merger.begin(&mut accs);
         let mut failed = Vec::new();
+        let mut invalid = 0;
         for (name, t) in &mut self.files {
             let merger = &self.merger;
             let map = &t.series;
             let dead = t.dead;
             let read = t.file.for_each_values(|i, slots| {
                 if let Some(&idx) = map.get(i) {
-                    if idx != SKIP && !(dead && merger.family_is_live(idx)) {
-                        accs[idx as usize].add_slots(merger.rule(idx), slots);
+                    if idx != SKIP
+                        && !(dead && merger.family_is_live(idx))
+                        && !accs[idx as usize].add_slots(merger.rule(idx), slots)
+                    {
+                        invalid += 1;
                     }
                 }
             });
@@ -309,6 +316,14 @@ impl Aggregator {
         for (name, reason, why) in failed {
             self.mark_bad(&name, reason, &why);
         }
+        if invalid > 0 && self.stats.invalid_values == 0 {
+            tracing::warn!(
+                series = invalid,
+                "ignoring series whose slots hold an invalid value \
+                (an enum state index out of range) until they are set again; see shmetrics_invalid_values"
+            );
+        }
+        self.stats.invalid_values = invalid;
         let mut snap = self.merger.snapshot(accs);
         self.stats.scrapes = self.stats.scrapes.max(scrapes);
         self.stats.merges += 1;
@@ -520,6 +535,7 @@ impl Aggregator {
             let read = t.file.for_each_values(|i, slots| {
                 if let Some(&idx) = map.get(i) {
                     if idx != SKIP && !merger.family_is_live(idx) {
+                        // Only kept families reach here: they have no invalid slot values.
                         merger.archive_slots(idx, slots);
                     }
                 }
@@ -611,7 +627,15 @@ fn map_new(merger: &mut Merger, t: &mut Tracked, conflicts: &mut usize) {
                 if desc.gauge_mode.is_some_and(GaugeMode::per_process) {
                     pairs.push(("pid".to_string(), f.pid.to_string()));
                 }
-                let idx = merger.series_for(fam, pairs);
+                let idx = if desc.metric_type == MetricType::Info {
+                    // An info series' values are its label values, then its value set's pairs.
+                    let base = pairs.len();
+                    let set = s.label_values.get(base..).unwrap_or_default();
+                    pairs.extend(set.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())));
+                    merger.info_series_for(fam, pairs, base)
+                } else {
+                    merger.series_for(fam, pairs)
+                };
                 if desc.metric_type == MetricType::Histogram {
                     // Our slots are laid out for the file's own buckets: the merged series must
                     // have exactly those bounds (it takes them if it has none yet).

@@ -268,6 +268,7 @@ fn py_desc(
         gauge_mode: mode,
         label_names: labels.iter().map(|l| (*l).to_string()).collect(),
         buckets,
+        states: Vec::new(),
     }
 }
 

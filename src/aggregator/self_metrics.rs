@@ -36,6 +36,7 @@ impl Aggregator {
             one(&m.save_errors, Value::U64(s.archive_save_errors)),
             one(&m.corrupt_archives, Value::F64(s.corrupt_archives as f64)),
             one(&m.pending_removal, Value::F64(s.pending_removal as f64)),
+            one(&m.invalid_values, Value::F64(s.invalid_values as f64)),
         ];
         let mut bad = SnapFamily { meta: Arc::clone(&m.bad_files), series: Vec::new() };
         for reason in BadReason::ALL {
@@ -72,6 +73,7 @@ pub(super) struct SelfMeta {
     save_errors: Arc<FamilyMeta>,
     corrupt_archives: Arc<FamilyMeta>,
     pending_removal: Arc<FamilyMeta>,
+    invalid_values: Arc<FamilyMeta>,
 }
 
 fn meta(name: &str, help: &str, t: MetricType, labels: &[&str]) -> Arc<FamilyMeta> {
@@ -181,6 +183,12 @@ impl SelfMeta {
             pending_removal: meta(
                 "shmetrics_files_pending_removal",
                 "Dead workers' files folded into the archive and waiting for it to be saved before removal.",
+                Gauge,
+                &[],
+            ),
+            invalid_values: meta(
+                "shmetrics_invalid_values",
+                "Series of live workers ignored in the last scrape because their slots hold an invalid value (an enum state index out of range).",
                 Gauge,
                 &[],
             ),

@@ -73,6 +73,10 @@ fn json(snap: &Snapshot) -> serde_json::Value {
                     match v {
                         Value::U64(n) => s["value"] = (*n).into(),
                         Value::F64(x) | Value::Recent { v: x, .. } => s["value"] = number(*x),
+                        Value::Info { .. } => s["value"] = 1.into(),
+                        Value::State { index, .. } => {
+                            s["state"] = d.states.get(*index as usize).cloned().unwrap_or_default().into();
+                        }
                         Value::Summary { count, sum } => {
                             s["count"] = number(*count);
                             s["sum"] = number(*sum);
@@ -146,6 +150,12 @@ fn influx(snap: &Snapshot, dir: &str) -> String {
             // NaN and infinities are not valid InfluxDB floats: such fields are left out.
             let fields = match v {
                 Value::U64(n) => format!("value={n}"),
+                Value::Info { .. } => "value=1".to_string(),
+                // The state index, and its name as a string field.
+                Value::State { index, .. } => {
+                    let state = d.states.get(*index as usize).map_or("", String::as_str);
+                    format!("value={index},state=\"{}\"", state.replace('\\', "\\\\").replace('"', "\\\""))
+                }
                 Value::F64(x) | Value::Recent { v: x, .. } if x.is_finite() => format!("value={}", field(*x)),
                 Value::F64(_) | Value::Recent { .. } => continue,
                 Value::Summary { count, sum } => {

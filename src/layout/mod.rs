@@ -70,6 +70,11 @@ pub mod kind {
     pub const METRIC: u16 = 1;
     /// One labelled series of a metric, with its value slots.
     pub const SERIES: u16 = 2;
+    /// Describes a metric of a type added in document revision 3 (summary, info, enum): the
+    /// layout of [`METRIC`], with its own id sequence. Older readers skip it by its length.
+    pub const TYPED_METRIC: u16 = 3;
+    /// One series of a [`TYPED_METRIC`]: the layout of [`SERIES`]; `metric_id` is a kind-3 id.
+    pub const TYPED_SERIES: u16 = 4;
 }
 
 /// Size of the common record header: `u32 len`, `u16 kind`, `u16 reserved`.
@@ -84,6 +89,8 @@ pub const MAX_STRING: usize = 64 * 1024;
 pub const MAX_LABELS: usize = 64;
 /// Most finite histogram bucket bounds.
 pub const MAX_BUCKETS: usize = 512;
+/// Most states of an enum (stored in the `n_buckets` field of its TYPED_METRIC record).
+pub const MAX_STATES: usize = 512;
 
 /// What kind of metric a METRIC record describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,9 +101,15 @@ pub enum MetricType {
     Gauge,
     /// Histogram with fixed bucket bounds.
     Histogram,
-    /// Summary (count and sum). Read from Python prometheus_client files only: never written to,
-    /// nor accepted in, a shmetrics file.
+    /// Summary: count and sum of observations (no quantiles: they cannot be merged). In a
+    /// shmetrics file, a TYPED_METRIC record; also read from Python prometheus_client files.
     Summary,
+    /// Info: a set of key/value pairs, exposed as the labels of `<name>_info 1`. The value written
+    /// last by a live process wins.
+    Info,
+    /// Enum (OpenMetrics stateset): one of a fixed list of states. The state set last by a live
+    /// process wins.
+    Enum,
 }
 
 impl MetricType {
@@ -106,15 +119,27 @@ impl MetricType {
             MetricType::Gauge => 2,
             MetricType::Histogram => 3,
             MetricType::Summary => 4,
+            MetricType::Info => 5,
+            MetricType::Enum => 6,
         }
     }
-    fn from_code(c: u8) -> Option<Self> {
-        Some(match c {
+    /// The type of code `c` in a record of kind METRIC (`typed` false) or TYPED_METRIC (true).
+    fn from_code(c: u8, typed: bool) -> Option<Self> {
+        let t = match c {
             1 => MetricType::Counter,
             2 => MetricType::Gauge,
             3 => MetricType::Histogram,
+            4 => MetricType::Summary,
+            5 => MetricType::Info,
+            6 => MetricType::Enum,
             _ => return None,
-        })
+        };
+        (t.is_typed() == typed).then_some(t)
+    }
+    /// Whether the type is stored in TYPED_METRIC / TYPED_SERIES records (kinds 3 and 4), which
+    /// readers of document revision 2 skip, rather than METRIC / SERIES (kinds 1 and 2).
+    pub fn is_typed(self) -> bool {
+        matches!(self, MetricType::Summary | MetricType::Info | MetricType::Enum)
     }
     /// The Prometheus `# TYPE` word.
     pub fn as_str(self) -> &'static str {
@@ -123,7 +148,30 @@ impl MetricType {
             MetricType::Gauge => "gauge",
             MetricType::Histogram => "histogram",
             MetricType::Summary => "summary",
+            MetricType::Info => "info",
+            MetricType::Enum => "stateset",
         }
+    }
+    /// The `# TYPE` word in the Prometheus text format 0.0.4, which has no info or stateset:
+    /// those are gauges there (as prometheus_client writes them).
+    pub fn as_str_004(self) -> &'static str {
+        match self {
+            MetricType::Info | MetricType::Enum => "gauge",
+            t => t.as_str(),
+        }
+    }
+    /// Parses [`MetricType::as_str`] back.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            MetricType::Counter,
+            MetricType::Gauge,
+            MetricType::Histogram,
+            MetricType::Summary,
+            MetricType::Info,
+            MetricType::Enum,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
     }
 }
 
@@ -255,6 +303,9 @@ pub struct MetricDesc {
     pub label_names: Vec<String>,
     /// Finite histogram bucket upper bounds, strictly increasing; empty for other types.
     pub buckets: Vec<f64>,
+    /// The states of an enum, in index order (at least one, unique, non-empty); empty for other
+    /// types. The label that carries them is named like the metric.
+    pub states: Vec<String>,
 }
 
 impl MetricDesc {
@@ -263,14 +314,24 @@ impl MetricDesc {
     pub fn sample_name(&self) -> std::borrow::Cow<'_, str> {
         match self.metric_type {
             MetricType::Counter => format!("{}_total", self.name).into(),
+            MetricType::Info => format!("{}_info", self.name).into(),
             _ => self.name.as_str().into(),
         }
+    }
+
+    /// Whether the values of dead writers are dropped rather than archived: `live*` gauges, info
+    /// and enum.
+    pub fn drops_dead(&self) -> bool {
+        self.gauge_mode.is_some_and(GaugeMode::is_live)
+            || matches!(self.metric_type, MetricType::Info | MetricType::Enum)
     }
 
     /// Number of 8-byte value slots each series of this metric has.
     ///
     /// Counter: 1. Gauge: 1, or 2 (value, then timestamp in unix ns) for the most-recent modes.
     /// Histogram: one non-cumulative count per bucket including `+Inf`, then the f64 sum.
+    /// Summary: u64 count, f64 sum. Info: unix ns of the last `set` that chose this series' value.
+    /// Enum: u64 state index, unix ns of the last set.
     pub(crate) fn slots(&self) -> usize {
         match self.metric_type {
             MetricType::Counter => 1,
@@ -282,7 +343,8 @@ impl MetricDesc {
                 }
             }
             MetricType::Histogram => self.buckets.len() + 2,
-            MetricType::Summary => 2,
+            MetricType::Summary | MetricType::Enum => 2,
+            MetricType::Info => 1,
         }
     }
 }
@@ -328,7 +390,8 @@ fn finish_record(mut out: Vec<u8>) -> Vec<u8> {
 pub(crate) fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + d.name.len() + d.help.len());
     out.extend_from_slice(&0u32.to_le_bytes()); // len, patched by finish_record
-    out.extend_from_slice(&kind::METRIC.to_le_bytes());
+    let k = if d.metric_type.is_typed() { kind::TYPED_METRIC } else { kind::METRIC };
+    out.extend_from_slice(&k.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&id.to_le_bytes());
     out.push(d.metric_type.code());
@@ -339,12 +402,13 @@ pub(crate) fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
     out.push(d.gauge_mode.map_or(0, GaugeMode::code));
     out.push(0);
     out.extend_from_slice(&(d.label_names.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(d.buckets.len() as u16).to_le_bytes());
+    // `n_buckets`: the bounds of a histogram, the states of an enum (never both).
+    out.extend_from_slice(&((d.buckets.len() + d.states.len()) as u16).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     debug_assert_eq!(out.len(), METRIC_FIXED);
     put_str(&mut out, &d.name);
     put_str(&mut out, &d.help);
-    for l in &d.label_names {
+    for l in d.label_names.iter().chain(&d.states) {
         put_str(&mut out, l);
     }
     pad8(&mut out);
@@ -354,15 +418,21 @@ pub(crate) fn encode_metric(id: u32, d: &MetricDesc) -> Vec<u8> {
     finish_record(out)
 }
 
-/// Encodes a SERIES record of metric `metric_id` with `slots` zeroed value slots.
+/// Encodes a SERIES record (a TYPED_SERIES record if `typed`) of metric `metric_id` with `slots`
+/// zeroed value slots.
 ///
 /// Returns the record and the offset of its first slot relative to the record start.
-pub(crate) fn encode_series(metric_id: u32, label_values: &[&str], slots: usize) -> (Vec<u8>, usize) {
+pub(crate) fn encode_series(
+    typed: bool,
+    metric_id: u32,
+    label_values: &[&str],
+    slots: usize,
+) -> (Vec<u8>, usize) {
     let strings: usize = label_values.iter().map(|v| 4 + v.len()).sum();
     let slots_offset = align8(SERIES_FIXED + strings);
     let mut out = Vec::with_capacity(slots_offset + 8 * slots);
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&kind::SERIES.to_le_bytes());
+    out.extend_from_slice(&(if typed { kind::TYPED_SERIES } else { kind::SERIES }).to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&metric_id.to_le_bytes());
     out.extend_from_slice(&(slots as u32).to_le_bytes());
@@ -380,9 +450,9 @@ pub(crate) fn encode_series(metric_id: u32, label_values: &[&str], slots: usize)
 /// A record decoded from the log.
 #[derive(Debug, PartialEq)]
 pub enum Record {
-    /// A METRIC record.
+    /// A METRIC record, or a TYPED_METRIC record (then `desc.metric_type.is_typed()`).
     Metric {
-        /// Its id: the number of METRIC records before it.
+        /// Its id: the number of records of its kind before it.
         id: u32,
         /// What it describes.
         desc: MetricDesc,
@@ -392,6 +462,19 @@ pub enum Record {
         /// The METRIC record it belongs to.
         metric_id: u32,
         /// Label values, one per label name of the metric.
+        label_values: Vec<String>,
+        /// Number of value slots.
+        slots: u32,
+        /// Offset of the first slot from the record start.
+        slots_offset: u32,
+    },
+    /// A TYPED_SERIES record: the fields of [`Record::Series`], `metric_id` a TYPED_METRIC id.
+    /// An info series' `label_values` are the metric's label values followed by its key/value
+    /// pairs.
+    TypedSeries {
+        /// The TYPED_METRIC record it belongs to.
+        metric_id: u32,
+        /// Label values, then (info) the keys and values of its pairs.
         label_values: Vec<String>,
         /// Number of value slots.
         slots: u32,
@@ -470,9 +553,10 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
     let kind = c.u16()?;
     let _reserved = c.u16()?;
     match kind {
-        kind::METRIC => {
+        kind::METRIC | kind::TYPED_METRIC => {
             let id = c.u32()?;
-            let metric_type = MetricType::from_code(c.u8()?).ok_or_else(|| corrupt("unknown metric type"))?;
+            let metric_type = MetricType::from_code(c.u8()?, kind == kind::TYPED_METRIC)
+                .ok_or_else(|| corrupt("unknown metric type"))?;
             let value_type = match c.u8()? {
                 0 => ValueType::U64,
                 1 => ValueType::F64,
@@ -499,21 +583,30 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
             for _ in 0..n_labels {
                 label_names.push(c.string()?);
             }
+            // An enum's `n_buckets` counts its states, stored as strings after the label names.
+            let is_enum = metric_type == MetricType::Enum;
+            let mut states = Vec::with_capacity(if is_enum { n_buckets } else { 0 });
+            for _ in 0..if is_enum { n_buckets } else { 0 } {
+                states.push(c.string()?);
+            }
             c.align8();
-            let mut buckets = Vec::with_capacity(n_buckets);
-            for _ in 0..n_buckets {
+            let mut buckets = Vec::with_capacity(if is_enum { 0 } else { n_buckets });
+            for _ in 0..if is_enum { 0 } else { n_buckets } {
                 buckets.push(c.f64()?);
             }
-            let desc = MetricDesc { name, help, metric_type, value_type, gauge_mode, label_names, buckets };
+            let desc =
+                MetricDesc { name, help, metric_type, value_type, gauge_mode, label_names, buckets, states };
             validate_desc(&desc)?;
             Ok(Record::Metric { id, desc })
         }
-        kind::SERIES => {
+        kind::SERIES | kind::TYPED_SERIES => {
             let metric_id = c.u32()?;
             let slots = c.u32()?;
             let slots_offset = c.u32()?;
             let n_values = c.u32()? as usize;
-            if n_values > MAX_LABELS {
+            // An info series holds its label values and up to MAX_LABELS key/value strings more.
+            let most = if kind == kind::SERIES { MAX_LABELS } else { 2 * MAX_LABELS };
+            if n_values > most {
                 return Err(corrupt("too many label values"));
             }
             let mut label_values = Vec::with_capacity(n_values);
@@ -527,19 +620,28 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, Error> {
             {
                 return Err(corrupt("value slots run past the end of their record"));
             }
-            Ok(Record::Series { metric_id, label_values, slots, slots_offset })
+            Ok(if kind == kind::SERIES {
+                Record::Series { metric_id, label_values, slots, slots_offset }
+            } else {
+                Record::TypedSeries { metric_id, label_values, slots, slots_offset }
+            })
         }
         _ => Ok(Record::Unknown),
     }
 }
 
-/// Checks the invariants of a metric description (names, label names, buckets, mode).
+/// Checks the invariants of a metric description (names, label names, buckets, states, mode).
 pub(crate) fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
     if !valid_metric_name(&d.name) || d.name.len() > MAX_STRING {
         return Err(Error::InvalidName(d.name.clone()));
     }
-    if d.metric_type != MetricType::Counter && d.value_type != ValueType::F64 {
-        return Err(corrupt("gauges and histograms hold f64 values"));
+    let value_type_ok = match d.metric_type {
+        MetricType::Counter => true,
+        MetricType::Gauge | MetricType::Histogram | MetricType::Summary => d.value_type == ValueType::F64,
+        MetricType::Info | MetricType::Enum => d.value_type == ValueType::U64,
+    };
+    if !value_type_ok {
+        return Err(corrupt("gauges, histograms and summaries hold f64 values, info and enum u64"));
     }
     if d.help.len() > MAX_STRING {
         return Err(Error::InvalidName(format!("{}: help text over 64 KiB", d.name)));
@@ -548,12 +650,10 @@ pub(crate) fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
         return Err(Error::InvalidLabelName(format!("{}: more than {MAX_LABELS} labels", d.name)));
     }
     for (i, l) in d.label_names.iter().enumerate() {
-        let reserved = l == "pid" && d.gauge_mode.is_some_and(GaugeMode::per_process);
-        if !valid_label_name(l)
-            || l.len() > MAX_STRING
-            || reserved
+        let reserved = (l == "pid" && d.gauge_mode.is_some_and(GaugeMode::per_process))
             || (l == "le" && d.metric_type == MetricType::Histogram)
-        {
+            || (*l == d.name && d.metric_type == MetricType::Enum);
+        if !valid_label_name(l) || l.len() > MAX_STRING || reserved {
             return Err(Error::InvalidLabelName(format!("{}: {l:?}", d.name)));
         }
         if d.label_names[..i].contains(l) {
@@ -574,11 +674,48 @@ pub(crate) fn validate_desc(d: &MetricDesc) -> Result<(), Error> {
     } else if !d.buckets.is_empty() {
         return Err(Error::InvalidBuckets(format!("{}: only histograms have buckets", d.name)));
     }
-    if d.metric_type == MetricType::Summary {
-        return Err(corrupt("summaries exist only in Python prometheus_client files"));
+    if d.metric_type == MetricType::Enum {
+        let unique = d.states.iter().enumerate().all(|(i, s)| !d.states[..i].contains(s));
+        let sizes = d.states.iter().all(|s| !s.is_empty() && s.len() <= MAX_STRING);
+        if d.states.is_empty() || d.states.len() > MAX_STATES || !unique || !sizes {
+            return Err(Error::InvalidValue(format!(
+                "{}: an enum needs 1 to {MAX_STATES} states, unique, non-empty and at most 64 KiB \
+                 each ({:?})",
+                d.name, d.states
+            )));
+        }
+    } else if !d.states.is_empty() {
+        return Err(Error::InvalidValue(format!("{}: only enums have states", d.name)));
     }
     if (d.metric_type == MetricType::Gauge) != d.gauge_mode.is_some() {
         return Err(corrupt("gauge mode must be set exactly for gauges"));
+    }
+    Ok(())
+}
+
+/// Checks the values of an info series: the metric's label values followed by key/value pairs
+/// whose keys are valid label names, unique, not among the metric's label names, with at most
+/// [`MAX_LABELS`] labels and keys together.
+pub(crate) fn check_info_values<S: AsRef<str>>(d: &MetricDesc, values: &[S]) -> Result<(), Error> {
+    let n = d.label_names.len();
+    let pairs = values.get(n..).filter(|p| p.len() % 2 == 0);
+    let pairs = pairs.ok_or_else(|| corrupt("an info series needs its label values and key/value pairs"))?;
+    if n + pairs.len() / 2 > MAX_LABELS {
+        return Err(Error::InvalidLabelName(format!(
+            "{}: more than {MAX_LABELS} labels and info keys together",
+            d.name
+        )));
+    }
+    for (i, kv) in pairs.chunks_exact(2).enumerate() {
+        let k = kv[0].as_ref();
+        let taken =
+            d.label_names.iter().any(|l| l == k) || pairs.chunks_exact(2).take(i).any(|p| p[0].as_ref() == k);
+        if !valid_label_name(k) || taken {
+            return Err(Error::InvalidLabelName(format!("{}: info key {k:?}", d.name)));
+        }
+        if kv[1].as_ref().len() > MAX_STRING {
+            return Err(Error::InvalidLabelValue(d.name.clone()));
+        }
     }
     Ok(())
 }
@@ -658,6 +795,7 @@ mod tests {
             gauge_mode: None,
             label_names: vec!["method".into()],
             buckets: vec![0.1, 1.0],
+            states: vec![],
         };
         let rec = encode_metric(3, &d);
         assert_eq!(rec.len() % 8, 0);
@@ -667,7 +805,7 @@ mod tests {
 
     #[test]
     fn series_record_round_trips() {
-        let (rec, off) = encode_series(7, &["GET", "200"], 3);
+        let (rec, off) = encode_series(false, 7, &["GET", "200"], 3);
         assert_eq!(off, 40);
         assert_eq!(rec.len(), 64);
         let r = decode_record(&rec).unwrap();
@@ -680,7 +818,7 @@ mod tests {
                 slots_offset: 40
             }
         );
-        let (rec, off) = encode_series(0, &[], 1);
+        let (rec, off) = encode_series(false, 0, &[], 1);
         assert_eq!((rec.len(), off), (32, 24));
         assert!(
             matches!(decode_record(&rec).unwrap(), Record::Series { ref label_values, .. } if label_values.is_empty())
@@ -689,7 +827,7 @@ mod tests {
 
     #[test]
     fn corrupt_records_are_errors_not_panics() {
-        let (mut rec, _) = encode_series(0, &["abc"], 1);
+        let (mut rec, _) = encode_series(false, 0, &["abc"], 1);
         rec[24] = 0xff; // label value length far past the record
         assert!(decode_record(&rec).is_err());
         assert!(record_len(&[1, 0, 0, 0, 0, 0, 0, 0]).is_err());

@@ -41,12 +41,16 @@ pub(crate) struct RegistryState {
     by_name: std::collections::HashMap<String, u32>,
     /// METRIC records written to the file so far (the next file metric id).
     published: u32,
+    /// TYPED_METRIC records written so far (the next id of that kind's own sequence).
+    published_typed: u32,
 }
 
 struct MetricEntry {
     desc: MetricDesc,
     /// Bucket bounds with `'static` lifetime for histogram handles (leaked once per metric).
     bounds: &'static [f64],
+    /// States with `'static` lifetime for enum handles (leaked once per metric).
+    states: &'static [String],
     /// The metric's id in the file, if its METRIC record made it in; if not, every series goes
     /// to scratch.
     published: Option<u32>,
@@ -194,18 +198,22 @@ impl Registry {
         // File metric ids count only METRIC records that made it into the file (readers require
         // them in sequence); a metric that finds no room still gets an entry here, so its series
         // become scratch handles.
-        let file_id = st.registry.published;
+        // Kinds 1 and 3 number their records separately (shm-layout.md section 6.4).
+        let typed = desc.metric_type.is_typed();
+        let file_id = if typed { st.registry.published_typed } else { st.registry.published };
         let record = layout::encode_metric(file_id, &desc);
         let published = store.append(&mut st, &record).map(|_| file_id);
-        match published {
-            Some(_) => st.registry.published += 1,
-            None => {
+        match (published, typed) {
+            (Some(_), false) => st.registry.published += 1,
+            (Some(_), true) => st.registry.published_typed += 1,
+            (None, _) => {
                 store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
             }
         }
         let bounds: &'static [f64] = Box::leak(desc.buckets.clone().into_boxed_slice());
+        let states: &'static [String] = Box::leak(desc.states.clone().into_boxed_slice());
         st.registry.by_name.insert(desc.name.clone(), id);
-        st.registry.metrics.push(MetricEntry { desc, bounds, published, children: HashMap::new() });
+        st.registry.metrics.push(MetricEntry { desc, bounds, states, published, children: HashMap::new() });
         Ok(id)
     }
 
@@ -220,6 +228,49 @@ impl Registry {
     /// dropped: the exposition adds it.
     pub fn counter_family(&self, name: &str, help: &str, labels: &[&str]) -> Result<Family<Counter>> {
         self.family(desc(counter_name(name), help, MetricType::Counter, ValueType::U64, None, labels, &[]))
+    }
+
+    /// A summary family: count and sum of observations (no quantiles, which cannot be merged
+    /// across processes), like prometheus_client's `Summary`.
+    pub fn summary_family(&self, name: &str, help: &str, labels: &[&str]) -> Result<Family<Summary>> {
+        self.family(desc(name, help, MetricType::Summary, ValueType::F64, None, labels, &[]))
+    }
+
+    /// An unlabelled summary.
+    pub fn summary(&self, name: &str, help: &str) -> Result<Summary> {
+        self.summary_family(name, help, &[])?.with_labels(&[])
+    }
+
+    /// An info family: each series holds a set of key/value pairs ([`Info::set`]), exposed as
+    /// `<name>_info{labels…,pairs…} 1`. A trailing `_info` in `name` is dropped: the exposition
+    /// adds it. Across processes, the value set last by a live process wins.
+    pub fn info_family(&self, name: &str, help: &str, labels: &[&str]) -> Result<Family<Info>> {
+        self.family(desc(info_name(name), help, MetricType::Info, ValueType::U64, None, labels, &[]))
+    }
+
+    /// An unlabelled info.
+    pub fn info(&self, name: &str, help: &str) -> Result<Info> {
+        self.info_family(name, help, &[])?.with_labels(&[])
+    }
+
+    /// An enum family (OpenMetrics stateset): each series is in one of `states` (the first one
+    /// until set), exposed as one sample per state, `name{labels…,name="state"} 0|1`. Across
+    /// processes, the state set last by a live process wins. No label may be named like the metric.
+    pub fn enum_family(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        states: &[&str],
+    ) -> Result<Family<Enum>> {
+        let mut d = desc(name, help, MetricType::Enum, ValueType::U64, None, labels, &[]);
+        d.states = states.iter().map(|s| (*s).to_owned()).collect();
+        self.family(d)
+    }
+
+    /// An unlabelled enum.
+    pub fn enum_metric(&self, name: &str, help: &str, states: &[&str]) -> Result<Enum> {
+        self.enum_family(name, help, &[], states)?.with_labels(&[])
     }
 
     /// An unlabelled counter (u64).
@@ -269,17 +320,19 @@ impl Registry {
         self.histogram_family(name, help, buckets, &[])?.with_labels(&[])
     }
 
-    /// Finds or creates the series `values` of metric `id`; returns its slots and bucket bounds.
-    fn child(&self, id: u32, values: &[&str]) -> Result<(Slots, &'static [f64])> {
+    /// Finds or creates the series `values` of metric `id`; returns its slots, bucket bounds and
+    /// states.
+    fn child(&self, id: u32, values: &[&str]) -> Result<Resolved> {
         let Some(store) = self.store else {
-            return Ok((Slots::scratch(None, SCRATCH.len()), &[]));
+            return Ok(Resolved { slots: Slots::scratch(None, SCRATCH.len()), bounds: &[], states: &[] });
         };
         store.flush_log();
         let mut guard = store.lock();
         let st: &mut StoreState = &mut guard;
         let unknown = || Error::Corrupt(format!("unknown metric id {id}"));
         let entry = st.registry.metrics.get(id as usize).ok_or_else(unknown)?;
-        let (bounds, n_slots) = (entry.bounds, entry.desc.slots());
+        let (bounds, states, n_slots) = (entry.bounds, entry.states, entry.desc.slots());
+        let typed = entry.desc.metric_type.is_typed();
         let off = match entry.children.get(&LabelsRef(values)).copied() {
             Some(off) => off,
             None => {
@@ -287,7 +340,7 @@ impl Registry {
                     return Err(Error::InvalidLabelValue(entry.desc.name.clone()));
                 }
                 let off = if let Some(file_id) = entry.published {
-                    let (record, slots_offset) = layout::encode_series(file_id, values, n_slots);
+                    let (record, slots_offset) = layout::encode_series(typed, file_id, values, n_slots);
                     store.append(st, &record).map(|rec| rec + slots_offset as u64)
                 } else {
                     None
@@ -307,12 +360,23 @@ impl Registry {
             Some(values) if off != NO_ROOM => Slots { values, dropped: None },
             _ => Slots::scratch(Some(store.header_atomic(header::DROPPED_UPDATES)), n_slots),
         };
-        Ok((slots, bounds))
+        Ok(Resolved { slots, bounds, states })
+    }
+
+    /// The description of metric `id` (a copy, under the registration lock).
+    fn desc_of(&self, id: u32) -> Option<MetricDesc> {
+        let store = self.store?;
+        let st = store.lock();
+        st.registry.metrics.get(id as usize).map(|e| e.desc.clone())
     }
 }
 
 fn counter_name(name: &str) -> &str {
     name.strip_suffix("_total").filter(|n| !n.is_empty()).unwrap_or(name)
+}
+
+fn info_name(name: &str) -> &str {
+    name.strip_suffix("_info").filter(|n| !n.is_empty()).unwrap_or(name)
 }
 
 fn desc(
@@ -332,6 +396,7 @@ fn desc(
         gauge_mode: mode,
         label_names: labels.iter().map(|l| (*l).to_owned()).collect(),
         buckets: buckets.to_vec(),
+        states: Vec::new(),
     }
 }
 
@@ -347,10 +412,21 @@ fn describe(d: &MetricDesc) -> String {
     if !d.buckets.is_empty() {
         s.push_str(&format!(" and buckets {:?}", d.buckets));
     }
+    if !d.states.is_empty() {
+        s.push_str(&format!(" and states {:?}", d.states));
+    }
     if !d.help.is_empty() {
         s.push_str(&format!(" and help {:?}", d.help));
     }
     s
+}
+
+/// A resolved series: its slots, and its metric's bucket bounds and states.
+#[derive(Clone, Copy)]
+struct Resolved {
+    slots: Slots,
+    bounds: &'static [f64],
+    states: &'static [String],
 }
 
 /// The value slots of one series, plus where to count updates when it is a scratch series.
@@ -401,8 +477,12 @@ fn replace_f64_if(a: &AtomicU64, v: f64, better: impl Fn(f64, f64) -> bool) {
 
 /// A metric handle type that a [`Family`] hands out.
 pub trait Metric: Sized + private::Sealed {
+    /// The handle's series are appended by its updates, not by `with_labels` (info: one series
+    /// per value set).
     #[doc(hidden)]
-    fn from_parts(slots: SlotsPub, bounds: &'static [f64]) -> Self;
+    const DEFERRED: bool = false;
+    #[doc(hidden)]
+    fn from_parts(parts: Parts<'_>) -> Self;
 }
 
 mod private {
@@ -411,12 +491,19 @@ mod private {
     impl Sealed for super::CounterF64 {}
     impl Sealed for super::Gauge {}
     impl Sealed for super::Histogram {}
+    impl Sealed for super::Summary {}
+    impl Sealed for super::Info {}
+    impl Sealed for super::Enum {}
 }
 
-/// Opaque slot bundle passed to [`Metric::from_parts`].
+/// Opaque bundle passed to [`Metric::from_parts`]: the resolved series and where it came from.
 #[doc(hidden)]
-#[derive(Clone, Copy)]
-pub struct SlotsPub(Slots);
+pub struct Parts<'a> {
+    resolved: Resolved,
+    registry: Registry,
+    id: u32,
+    values: &'a [&'a str],
+}
 
 /// A metric with labels; [`Family::with_labels`] returns the handle of one label set.
 pub struct Family<M> {
@@ -471,8 +558,8 @@ impl Equivalent<CacheKey> for CacheRef<'_> {
     }
 }
 
-/// Resolved series of one thread: slots and bucket bounds by family and labels.
-type HandleCache = HashMap<CacheKey, (Slots, &'static [f64])>;
+/// Resolved series of one thread: slots, bucket bounds and states by family and labels.
+type HandleCache = HashMap<CacheKey, Resolved>;
 
 thread_local! {
     /// Series handles this thread already resolved. Series are never removed and their slots
@@ -493,16 +580,24 @@ impl<M: Metric> Family<M> {
                 got: values.len(),
             });
         }
+        let parts = |resolved| Parts { resolved, registry: self.registry, id: self.id, values };
+        if M::DEFERRED {
+            if values.iter().any(|v| v.len() > layout::MAX_STRING) {
+                return Err(Error::InvalidLabelValue(self.name.clone()));
+            }
+            let none = Resolved { slots: Slots::scratch(None, 0), bounds: &[], states: &[] };
+            return Ok(M::from_parts(parts(none)));
+        }
         let family = (self.registry.store.map_or(0, |s| s as *const Store as usize), self.id);
         let hit = HANDLES
             .with(|c| c.borrow().as_ref().and_then(|m| m.get(&CacheRef { family, labels: values }).copied()));
-        if let Some((slots, bounds)) = hit {
-            return Ok(M::from_parts(SlotsPub(slots), bounds));
+        if let Some(resolved) = hit {
+            return Ok(M::from_parts(parts(resolved)));
         }
-        let (slots, bounds) = self.registry.child(self.id, values)?;
+        let resolved = self.registry.child(self.id, values)?;
         let key = CacheKey { family, labels: values.iter().map(|v| (*v).to_owned()).collect() };
-        HANDLES.with(|c| c.borrow_mut().get_or_insert_with(HashMap::new).insert(key, (slots, bounds)));
-        Ok(M::from_parts(SlotsPub(slots), bounds))
+        HANDLES.with(|c| c.borrow_mut().get_or_insert_with(HashMap::new).insert(key, resolved));
+        Ok(M::from_parts(parts(resolved)))
     }
 }
 
@@ -555,10 +650,7 @@ impl Gauge {
     #[inline]
     fn stamp(&self) {
         if let Some(ts) = self.0.values.get(1) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            ts.store(now, Ordering::Release);
+            ts.store(now_ns(), Ordering::Release);
         }
         self.0.count_drop();
     }
@@ -640,9 +732,9 @@ impl Histogram {
         self.slots.count_drop();
     }
     /// Starts timing: the seconds until the returned guard is dropped (or
-    /// [`HistogramTimer::observe_duration`] is called) are observed once.
+    /// [`Timer::observe_duration`] is called) are observed once.
     pub fn start_timer(&self) -> HistogramTimer {
-        HistogramTimer { histogram: *self, start: std::time::Instant::now(), observed: false }
+        Timer::new(*self)
     }
     /// Runs `f` and observes how many seconds it took (also when it panics).
     pub fn time<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -657,16 +749,77 @@ impl Histogram {
     }
 }
 
-/// Times a block for a [`Histogram`] ([`Histogram::start_timer`]): observes the elapsed seconds
-/// once, when dropped or at [`HistogramTimer::observe_duration`].
+/// A summary: the count and sum of observations (no quantiles: they cannot be merged across
+/// processes). Exposed as `<name>_count` and `<name>_sum`.
+#[derive(Clone, Copy)]
+pub struct Summary(Slots);
+
+impl Summary {
+    /// Records one observation: adds one to the count, then `v` to the sum.
+    #[inline]
+    pub fn observe(&self, v: f64) {
+        if let [count, sum, ..] = self.0.values {
+            count.fetch_add(1, Ordering::Relaxed);
+            add_f64(sum, v);
+        }
+        self.0.count_drop();
+    }
+    /// Starts timing: the seconds until the returned guard is dropped (or
+    /// [`Timer::observe_duration`] is called) are observed once.
+    pub fn start_timer(&self) -> SummaryTimer {
+        Timer::new(*self)
+    }
+    /// Runs `f` and observes how many seconds it took (also when it panics).
+    pub fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _timer = self.start_timer();
+        f()
+    }
+    /// This process's (observation count, sum).
+    pub fn get(&self) -> (u64, f64) {
+        match self.0.values {
+            [count, sum, ..] => (count.load(Ordering::Relaxed), f64::from_bits(sum.load(Ordering::Relaxed))),
+            _ => (0, 0.0),
+        }
+    }
+}
+
+/// Something a [`Timer`] can observe a duration into: [`Histogram`], [`Summary`].
+pub trait Observe: Copy + private::Sealed {
+    /// Records one observation.
+    fn observe(&self, v: f64);
+}
+
+impl Observe for Histogram {
+    fn observe(&self, v: f64) {
+        Histogram::observe(self, v);
+    }
+}
+
+impl Observe for Summary {
+    fn observe(&self, v: f64) {
+        Summary::observe(self, v);
+    }
+}
+
+/// Times a block for a [`Histogram`] or [`Summary`] (their `start_timer`): observes the elapsed
+/// seconds once, when dropped or at [`Timer::observe_duration`].
 #[must_use = "the time is observed when the timer is dropped: bind it to a variable"]
-pub struct HistogramTimer {
-    histogram: Histogram,
+pub struct Timer<M: Observe> {
+    metric: M,
     start: std::time::Instant,
     observed: bool,
 }
 
-impl HistogramTimer {
+/// The timer of a [`Histogram`] ([`Histogram::start_timer`]).
+pub type HistogramTimer = Timer<Histogram>;
+/// The timer of a [`Summary`] ([`Summary::start_timer`]).
+pub type SummaryTimer = Timer<Summary>;
+
+impl<M: Observe> Timer<M> {
+    fn new(metric: M) -> Timer<M> {
+        Timer { metric, start: std::time::Instant::now(), observed: false }
+    }
+
     /// Observes the seconds since the timer started, now, and returns them.
     pub fn observe_duration(mut self) -> f64 {
         self.observe()
@@ -676,36 +829,146 @@ impl HistogramTimer {
         let secs = self.start.elapsed().as_secs_f64();
         if !self.observed {
             self.observed = true;
-            self.histogram.observe(secs);
+            self.metric.observe(secs);
         }
         secs
     }
 }
 
-impl Drop for HistogramTimer {
+impl<M: Observe> Drop for Timer<M> {
     fn drop(&mut self) {
         self.observe();
     }
 }
 
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .max(1)
+}
+
+/// An info metric's series (one label set): [`Info::set`] replaces its key/value pairs, exposed
+/// as `<name>_info{labels…,pairs…} 1`.
+///
+/// In the file, each distinct value set is a series of its own, holding the time of the last
+/// `set` that chose it; the most recent one is the value. Setting a value set for the first time
+/// appends a series under the registration lock; setting it again is one atomic store.
+#[derive(Clone)]
+pub struct Info {
+    registry: Registry,
+    id: u32,
+    labels: std::sync::Arc<[String]>,
+}
+
+impl std::fmt::Debug for Info {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Info").field("labels", &self.labels).finish()
+    }
+}
+
+impl Info {
+    /// Replaces the value with these key/value pairs (in this order), as prometheus_client's
+    /// `Info.info()` does. Keys must be valid label names, unique, and not among the metric's label
+    /// names; labels and keys together at most 64; values at most 64 KiB.
+    pub fn set(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        let mut values: Vec<&str> = self.labels.iter().map(String::as_str).collect();
+        for (k, v) in pairs {
+            values.push(k);
+            values.push(v);
+        }
+        let desc = self.registry.desc_of(self.id);
+        match &desc {
+            Some(d) => layout::check_info_values(d, &values)?,
+            None if self.registry.store.is_some() => {
+                return Err(Error::Corrupt(format!("unknown metric id {}", self.id)))
+            }
+            None => {}
+        }
+        let resolved = self.registry.child(self.id, &values)?;
+        if let Some(ts) = resolved.slots.values.first() {
+            ts.store(now_ns(), Ordering::Release);
+        }
+        resolved.slots.count_drop();
+        Ok(())
+    }
+}
+
+/// An enum's series (one label set): one of the metric's states, the first until set.
+#[derive(Clone, Copy)]
+pub struct Enum {
+    slots: Slots,
+    states: &'static [String],
+}
+
+impl Enum {
+    /// Sets the state by name; an error if it is not one of the metric's states.
+    pub fn set(&self, state: &str) -> Result<()> {
+        match self.states.iter().position(|s| s == state) {
+            Some(i) => self.set_index(i),
+            None => Err(Error::InvalidValue(format!("{state:?} is not one of the states {:?}", self.states))),
+        }
+    }
+    /// Sets the state by its index in the metric's states; an error if out of range.
+    #[inline]
+    pub fn set_index(&self, i: usize) -> Result<()> {
+        if i >= self.states.len() {
+            return Err(Error::InvalidValue(format!(
+                "state index {i} is out of range (the enum has {} states)",
+                self.states.len()
+            )));
+        }
+        if let [index, ts, ..] = self.slots.values {
+            // Index first, then the timestamp with release: a reader that loads the timestamp
+            // with acquire sees an index at least as new (shm-layout.md section 7).
+            index.store(i as u64, Ordering::Relaxed);
+            ts.store(now_ns(), Ordering::Release);
+        }
+        self.slots.count_drop();
+        Ok(())
+    }
+    /// This process's state index (0, the first state, until set).
+    pub fn get(&self) -> usize {
+        let i = self.slots.values.first().map_or(0, |a| a.load(Ordering::Relaxed));
+        usize::try_from(i).ok().filter(|i| *i < self.states.len()).unwrap_or(0)
+    }
+}
+
 impl Metric for Counter {
-    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
-        Counter(s.0)
+    fn from_parts(p: Parts<'_>) -> Self {
+        Counter(p.resolved.slots)
     }
 }
 impl Metric for CounterF64 {
-    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
-        CounterF64(s.0)
+    fn from_parts(p: Parts<'_>) -> Self {
+        CounterF64(p.resolved.slots)
     }
 }
 impl Metric for Gauge {
-    fn from_parts(s: SlotsPub, _: &'static [f64]) -> Self {
-        Gauge(s.0)
+    fn from_parts(p: Parts<'_>) -> Self {
+        Gauge(p.resolved.slots)
     }
 }
 impl Metric for Histogram {
-    fn from_parts(s: SlotsPub, bounds: &'static [f64]) -> Self {
-        Histogram { slots: s.0, bounds }
+    fn from_parts(p: Parts<'_>) -> Self {
+        Histogram { slots: p.resolved.slots, bounds: p.resolved.bounds }
+    }
+}
+impl Metric for Summary {
+    fn from_parts(p: Parts<'_>) -> Self {
+        Summary(p.resolved.slots)
+    }
+}
+impl Metric for Info {
+    const DEFERRED: bool = true;
+    fn from_parts(p: Parts<'_>) -> Self {
+        let labels = p.values.iter().map(|v| (*v).to_owned()).collect();
+        Info { registry: p.registry, id: p.id, labels }
+    }
+}
+impl Metric for Enum {
+    fn from_parts(p: Parts<'_>) -> Self {
+        Enum { slots: p.resolved.slots, states: p.resolved.states }
     }
 }
 
@@ -721,7 +984,11 @@ mod tests {
         send_sync::<CounterF64>();
         send_sync::<Gauge>();
         send_sync::<Histogram>();
+        send_sync::<Summary>();
+        send_sync::<Enum>();
         send_sync::<Registry>();
+        fn send_sync_clone<T: Send + Sync + Clone>() {}
+        send_sync_clone::<Info>();
         fn family<T: Send + Sync + Clone>() {}
         family::<Family<Counter>>();
     }
@@ -787,6 +1054,68 @@ mod tests {
         let again = reg.counter_family("c", "x", &["a", "b"]).unwrap();
         again.with_labels(&["1", "2"]).unwrap().inc_by(3);
         assert_eq!(fam.with_labels(&["1", "2"]).unwrap().get(), 3);
+    }
+
+    #[test]
+    fn summary_counts_and_sums_with_its_timer() {
+        let reg = Registry::in_process();
+        let s = reg.summary("s_seconds", "x").unwrap();
+        s.observe(1.5);
+        s.observe(-0.5);
+        assert_eq!(s.get(), (2, 1.0));
+        let t = s.start_timer();
+        let secs = t.observe_duration();
+        assert_eq!(s.time(|| 7), 7);
+        let (count, sum) = s.get();
+        assert_eq!(count, 4);
+        assert!(sum >= 1.0 + secs, "{sum}");
+        let fam = reg.summary_family("s_by", "x", &["a"]).unwrap();
+        fam.with_labels(&["1"]).unwrap().observe(2.0);
+        assert_eq!(fam.with_labels(&["1"]).unwrap().get(), (1, 2.0));
+        assert!(matches!(reg.histogram("s_seconds", "x", &[1.0]), Err(Error::Conflict { .. })));
+    }
+
+    #[test]
+    fn enum_states_and_errors() {
+        let reg = Registry::in_process();
+        let e = reg.enum_metric("task_state", "x", &["idle", "running", "done"]).unwrap();
+        assert_eq!(e.get(), 0, "the first state until set");
+        e.set("running").unwrap();
+        assert_eq!(e.get(), 1);
+        e.set_index(2).unwrap();
+        assert_eq!(e.get(), 2);
+        assert!(matches!(e.set("lost"), Err(Error::InvalidValue(_))));
+        assert!(matches!(e.set_index(3), Err(Error::InvalidValue(_))));
+        assert_eq!(e.get(), 2);
+        let fam = reg.enum_family("job_state", "x", &["job"], &["a", "b"]).unwrap();
+        fam.with_labels(&["j1"]).unwrap().set("b").unwrap();
+        assert_eq!(fam.with_labels(&["j1"]).unwrap().get(), 1);
+        assert!(matches!(reg.enum_family("st", "x", &["st"], &["a"]), Err(Error::InvalidLabelName(_))));
+        assert!(matches!(reg.enum_metric("st", "x", &[]), Err(Error::InvalidValue(_))));
+        assert!(matches!(reg.enum_metric("st", "x", &["a", "a"]), Err(Error::InvalidValue(_))));
+        assert!(matches!(reg.enum_metric("st", "x", &["a", ""]), Err(Error::InvalidValue(_))));
+    }
+
+    #[test]
+    fn info_validates_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).unwrap();
+        let i = reg.info("build_info", "x").unwrap();
+        i.set(&[("version", "1.2"), ("commit", "abc")]).unwrap();
+        i.set(&[("version", "1.3")]).unwrap();
+        assert!(matches!(i.set(&[("1bad", "x")]), Err(Error::InvalidLabelName(_))));
+        assert!(matches!(i.set(&[("a", "x"), ("a", "y")]), Err(Error::InvalidLabelName(_))));
+        let fam = reg.info_family("app", "x", &["region"]).unwrap();
+        let eu = fam.with_labels(&["eu"]).unwrap();
+        assert!(matches!(eu.set(&[("region", "x")]), Err(Error::InvalidLabelName(_))));
+        let many: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+        let pairs: Vec<(&str, &str)> = many.iter().map(|k| (k.as_str(), "v")).collect();
+        assert!(matches!(eu.set(&pairs), Err(Error::InvalidLabelName(_))), "1 label + 64 keys");
+        eu.set(&pairs[..63]).unwrap();
+        // `build_info` is stored as `build`: the same metric as `build`.
+        assert!(reg.info("build", "x").is_ok());
+        assert!(matches!(reg.counter("build", "x"), Err(Error::Conflict { .. })));
+        assert_eq!(reg.dropped_series(), 0);
     }
 
     #[test]

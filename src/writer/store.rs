@@ -440,7 +440,7 @@ fn write_stderr(msg: &str) {
     }
 }
 
-/// Zeroes the value slots of every SERIES record in `records` (a copy of a log starting at
+/// Zeroes the value slots of every SERIES and TYPED_SERIES record in `records` (a copy of a log starting at
 /// [`HEADER_SIZE`]): a forked child starts from zero so its parent's values are not counted twice.
 fn zero_slots(records: &mut [u8]) {
     let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
@@ -451,7 +451,8 @@ fn zero_slots(records: &mut [u8]) {
         if len < layout::RECORD_HEADER || len % 8 != 0 || len > rec.len() {
             return; // our own log; cannot happen, but never loop or panic on it
         }
-        if u16::from_le_bytes([rec[4], rec[5]]) == layout::kind::SERIES {
+        let kind = u16::from_le_bytes([rec[4], rec[5]]);
+        if kind == layout::kind::SERIES || kind == layout::kind::TYPED_SERIES {
             let (slots, at) = (le32(rec, 12), le32(rec, 16));
             if let Some(bytes) = records.get_mut(off + at..off + at + 8 * slots) {
                 bytes.fill(0);

@@ -417,7 +417,7 @@ fn archive_is_idempotent_across_a_crash_between_save_and_unlink() {
     // Crash right after the save: the aggregator is gone and the files are still there.
     drop(a);
     restore(&dir, &dead);
-    let mut b = Aggregator::open(&dir, &Options::default()).expect("aggregator");
+    let mut b = util::reopen_aggregator(&dir);
     assert_eq!(b.startup(), Startup::Restart);
     let second = pass(&mut b);
     assert_eq!(wl(&second), wl(&first), "a listed file must not be folded twice");
@@ -428,7 +428,7 @@ fn archive_is_idempotent_across_a_crash_between_save_and_unlink() {
     }
     // And a third aggregator still sees the same totals (from the archive alone).
     drop(b);
-    let mut c = Aggregator::open(&dir, &Options::default()).expect("aggregator");
+    let mut c = util::reopen_aggregator(&dir);
     let third = pass(&mut c);
     assert_eq!(wl(&third), wl(&first));
     assert_eq!(get(&third, "shmetrics_workers_dead_total"), 3.0);

@@ -165,7 +165,7 @@ fn a_full_disk_never_loses_dead_workers_totals() {
     }
     // A restart while the disk is still full: the new aggregator folds the files again itself.
     drop(agg);
-    let mut agg = Aggregator::open(&dir, &Options::default()).expect("aggregator");
+    let mut agg = util::reopen_aggregator(&dir);
     assert_eq!(agg.startup(), Startup::Restart);
     let s = pass(&mut agg);
     assert_eq!(wl(&s), wl(&before), "totals after a restart on a full disk");
@@ -179,7 +179,7 @@ fn a_full_disk_never_loses_dead_workers_totals() {
     }
     // Graceful restart: everything comes from the archive now.
     drop(agg);
-    let mut agg = Aggregator::open(&dir, &Options::default()).expect("aggregator");
+    let mut agg = util::reopen_aggregator(&dir);
     let s = pass(&mut agg);
     assert_eq!(wl(&s), wl(&before), "totals after the restart");
     assert_eq!(get(&s, "shmetrics_workers_dead_total"), 4.0);

@@ -189,6 +189,7 @@ fn worked_example_matches_the_writer() {
         gauge_mode: None,
         label_names: vec![],
         buckets: vec![],
+        states: Vec::new(),
     };
     let latency = MetricDesc {
         name: "latency_seconds".into(),
@@ -198,6 +199,7 @@ fn worked_example_matches_the_writer() {
         gauge_mode: None,
         label_names: vec!["method".into()],
         buckets: vec![0.1, 1.0],
+        states: Vec::new(),
     };
     let expected = vec![
         (0x1000, 48, Record::Metric { id: 0, desc: jobs }),

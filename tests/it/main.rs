@@ -21,4 +21,5 @@ mod python_servers;
 mod robustness;
 mod run_cmd;
 mod supervisor;
+mod typed_metrics;
 mod workers;

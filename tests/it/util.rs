@@ -422,3 +422,22 @@ pub fn tcp_connections(pid: i32, port: u16) -> usize {
     }
     n
 }
+
+/// Opens an aggregator on `dir` in this test process, right after another one in this process
+/// was dropped.
+///
+/// The test binary runs tests on many threads, and other tests spawn children: between a spawn's
+/// `fork` and its `exec` (where `O_CLOEXEC` closes it), the child holds a copy of every descriptor
+/// of this process — the dropped aggregator's lock among them, which then stays locked for that
+/// moment. So a `Locked` error whose holder is this very process is retried for a while; any other
+/// error, or another holder, fails at once.
+pub fn reopen_aggregator(dir: &Path) -> shmetrics::aggregator::Aggregator {
+    let me = format!("pid {}", std::process::id());
+    wait_for(Duration::from_secs(10), "the dropped aggregator's lock to be free", || {
+        match shmetrics::aggregator::Aggregator::open(dir, &Default::default()) {
+            Ok(a) => Some(a),
+            Err(shmetrics::Error::Locked { holder, .. }) if holder == me => None,
+            Err(e) => panic!("aggregator: {e:?}"),
+        }
+    })
+}
