@@ -8,7 +8,7 @@ memory (nothing is exported, nothing fails), as prometheus_client works without
 
 Porting from prometheus_client is a change of import::
 
-    from shmetrics import Counter, Gauge, Histogram
+    from shmetrics import Counter, Enum, Gauge, Histogram, Info, Summary
 
 Forking after creating metrics just works (gunicorn ``preload_app``, uWSGI without
 ``lazy-apps``): each forked process gets a file of its own.
@@ -17,8 +17,11 @@ Forking after creating metrics just works (gunicorn ``preload_app``, uWSGI witho
 from ._native import (
     DEFAULT_BUCKETS,
     Counter,
+    Enum,
     Gauge,
     Histogram,
+    Info,
+    Summary,
     degraded,
     file_path,
     set_ready,
@@ -28,6 +31,9 @@ __all__ = [
     "Counter",
     "Gauge",
     "Histogram",
+    "Summary",
+    "Info",
+    "Enum",
     "DEFAULT_BUCKETS",
     "set_ready",
     "file_path",

@@ -31,7 +31,8 @@ use pyo3::types::{PyDict, PyModule, PyString, PyTuple};
 use pyo3::PyClass;
 
 use shmetrics::{
-    CounterF64, Family, Gauge as GaugeHandle, GaugeMode, Histogram as HistogramHandle, Registry,
+    CounterF64, Enum as EnumHandle, Family, Gauge as GaugeHandle, GaugeMode, Histogram as HistogramHandle,
+    Info as InfoHandle, Registry, Summary as SummaryHandle,
 };
 
 /// prometheus_client's default histogram buckets (`+Inf` is implied here).
@@ -45,6 +46,7 @@ fn py_err(e: shmetrics::Error) -> PyErr {
         E::InvalidName(_)
         | E::InvalidLabelName(_)
         | E::InvalidLabelValue(_)
+        | E::InvalidValue(_)
         | E::InvalidBuckets(_)
         | E::LabelCount { .. }
         | E::Conflict { .. } => PyValueError::new_err(e.to_string()),
@@ -67,6 +69,9 @@ impl Meta {
             "counter" => "Counter",
             "gauge" => "Gauge",
             "histogram" => "Histogram",
+            "summary" => "Summary",
+            "info" => "Info",
+            "stateset" => "Enum",
             other => other,
         };
         if values.is_empty() {
@@ -124,7 +129,7 @@ enum Node<H> {
     Parent(Parent<H>),
 }
 
-impl<H: Copy> Node<H> {
+impl<H> Node<H> {
     fn new(py: Python<'_>, family: Family<H>, meta: &Meta) -> PyResult<Node<H>>
     where
         H: shmetrics::writer::Metric,
@@ -138,9 +143,9 @@ impl<H: Copy> Node<H> {
 
     /// The series handle; a `ValueError` on a labelled parent, as prometheus_client raises.
     #[inline]
-    fn series(&self, meta: &Meta) -> PyResult<H> {
+    fn series(&self, meta: &Meta) -> PyResult<&H> {
         match self {
-            Node::Series(h) => Ok(*h),
+            Node::Series(h) => Ok(h),
             Node::Parent(_) => Err(PyValueError::new_err(format!(
                 "{} metric {} is missing label values: call .labels({}) first",
                 meta.kind,
@@ -204,7 +209,7 @@ fn child<'py, H, T>(
     make: impl FnOnce(Arc<Meta>, H, Vec<String>) -> T,
 ) -> PyResult<Bound<'py, PyAny>>
 where
-    H: shmetrics::writer::Metric + Copy,
+    H: shmetrics::writer::Metric,
     T: PyClass + Into<pyo3::PyClassInitializer<T>>,
 {
     let py = slf.py();
@@ -522,6 +527,89 @@ metric_methods! { Histogram, kind = "histogram", extra = (buckets: Option<&Bound
 }
 
 // -------------------------------------------------------------------------------------------------
+// Summary, Info, Enum
+
+/// A summary: `Summary(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
+/// registry=None)`: count and sum, no quantiles (as prometheus_client's).
+#[pyclass(frozen, module = "shmetrics")]
+struct Summary {
+    meta: Arc<Meta>,
+    node: Node<SummaryHandle>,
+    labels: Vec<String>,
+}
+
+metric_methods! { Summary, kind = "summary", extra = (),
+    register = |name, doc, labels| registry().summary_family(name, doc, labels),
+
+    /// Records one observation.
+    #[pyo3(signature = (amount, exemplar=None))]
+    fn observe(&self, amount: f64, exemplar: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let _ = exemplar;
+        self.node.series(&self.meta)?.observe(amount);
+        Ok(())
+    }
+
+    /// Observes the seconds a block or decorated function took.
+    fn time<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().node.series(&slf.get().meta)?;
+        helper(slf.py(), "Timer", (slf.clone(), "observe"))
+    }
+}
+
+/// An info metric: `Info(name, documentation, labelnames=(), namespace='', subsystem='',
+/// registry=None)`; `info({key: value})` replaces its pairs. Exposed as `<name>_info{…} 1`
+/// (OpenMetrics `info`); across processes, the pairs set last by a live process win.
+#[pyclass(frozen, module = "shmetrics")]
+struct Info {
+    meta: Arc<Meta>,
+    node: Node<InfoHandle>,
+    labels: Vec<String>,
+}
+
+metric_methods! { Info, kind = "info", extra = (),
+    register = |name, doc, labels| registry().info_family(name, doc, labels),
+
+    /// Replaces the key/value pairs (values are `str()`-ed).
+    fn info(&self, val: &Bound<'_, PyDict>) -> PyResult<()> {
+        let h = self.node.series(&self.meta)?;
+        let pairs: Vec<(String, String)> = val
+            .iter()
+            .map(|(k, v)| Ok((k.extract::<String>()?, v.str()?.to_cow()?.into_owned())))
+            .collect::<PyResult<_>>()?;
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        h.set(&refs).map_err(py_err)
+    }
+}
+
+/// An enum: `Enum(name, documentation, labelnames=(), namespace='', subsystem='', registry=None,
+/// states=[...])`; `state(s)` sets it (the first state until then). Exposed as one sample per
+/// state (OpenMetrics `stateset`); across processes, the state set last by a live process wins.
+#[pyclass(frozen, module = "shmetrics")]
+struct Enum {
+    meta: Arc<Meta>,
+    node: Node<EnumHandle>,
+    labels: Vec<String>,
+}
+
+metric_methods! { Enum, kind = "stateset", extra = (states: Option<Vec<String>> = None),
+    register = |name, doc, labels| {
+        let states = states.filter(|s| !s.is_empty()).ok_or_else(|| {
+            PyValueError::new_err(format!("No states provided for Enum metric: {name}"))
+        })?;
+        if labels.contains(&name) {
+            return Err(PyValueError::new_err(format!("Overlapping labels for Enum metric: {name}")));
+        }
+        let states: Vec<&str> = states.iter().map(String::as_str).collect();
+        registry().enum_family(name, doc, labels, &states)
+    },
+
+    /// Sets the state; a `ValueError` if it is not one of the states.
+    fn state(&self, state: &str) -> PyResult<()> {
+        self.node.series(&self.meta)?.set(state).map_err(py_err)
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
 // The process
 
 /// Declares this process ready (or not) to serve: the aggregator's `/healthz` and health check
@@ -550,6 +638,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Counter>()?;
     m.add_class::<Gauge>()?;
     m.add_class::<Histogram>()?;
+    m.add_class::<Summary>()?;
+    m.add_class::<Info>()?;
+    m.add_class::<Enum>()?;
     m.add_function(wrap_pyfunction!(set_ready, m)?)?;
     m.add_function(wrap_pyfunction!(file_path, m)?)?;
     m.add_function(wrap_pyfunction!(degraded, m)?)?;

@@ -22,6 +22,7 @@ use nix::unistd::Pid;
 
 use crate::python_servers::{self as ps, Expo, LONG};
 use crate::run_cmd::RunProc;
+use crate::typed_metrics as typed;
 use crate::util;
 
 const WORKERS: usize = 4;
@@ -108,7 +109,8 @@ fn start(server: Server, setup: &Setup, run_opts: &[&str]) -> (RunProc, SocketAd
             args.extend([ps::s(&gunicorn), "--ini", &conf]);
         }
     }
-    (ps::start(&args, &[], setup.tmp.path()), app)
+    let server_name = if matches!(server, Server::Gunicorn { .. }) { "gunicorn" } else { "uwsgi" };
+    (ps::start(&args, &[("PKG_SERVER", server_name)], setup.tmp.path()), app)
 }
 
 /// GET `/pid` until the answer is `pid file`; checks that the worker writes a file of its own.
@@ -156,6 +158,9 @@ fn exact_through_kills(server: Server) {
     assert!(sum > 0.0 && sum < 200.0, "{what}: sum of 200 latencies {sum}");
     assert_eq!(e.must("pkg_in_flight", &[]), 0.0, "{what}");
     assert_eq!(e.must("pkg_up", &[]), 1.0, "{what}");
+    // Every answer was a 200, each observed once in the summary.
+    assert_eq!(e.must("pkg_payload_bytes_count", &[]), (200 + pid_probes) as f64, "{what}");
+    assert_eq!(e.types.get("pkg_payload_bytes").map(String::as_str), Some("summary"), "{what}");
     assert_eq!(e.types.get("pkg_request_seconds").map(String::as_str), Some("histogram"), "{what}");
     assert_eq!(
         e.types.get("pkg_requests_total").map(String::as_str),
@@ -252,7 +257,7 @@ fn wait_health(run: &RunProc, needle: &str) -> (u16, String) {
 }
 
 #[test]
-fn set_ready_drives_healthz() {
+fn set_ready_drives_healthz_and_info_and_enum_are_exposed() {
     let setup = Setup::new();
     let (mut run, app) = start(Server::Gunicorn { preload: false }, &setup, &["--min-workers", "2"]);
     ps::wait_workers(app, &mut run, WORKERS);
@@ -276,6 +281,30 @@ fn set_ready_drives_healthz() {
     assert_eq!(ready.len(), 2, "two workers answered /ready within 400 requests");
     let (status, text) = wait_health(&run, "OK");
     assert_eq!((status, text.trim()), (200, "OK"), "ready: {ready:?}");
+
+    // Info and Enum, read by prometheus_client's parsers: OpenMetrics `info` and `stateset`, and
+    // their 0.0.4 gauge forms. Every worker set the same info at import and the enum to
+    // "starting"; the /ready answers set it to "serving" later: the last set by a live process
+    // wins.
+    let parse = typed::PARSE.replace(
+        "not fam.name.startswith(\"tw_\")",
+        "fam.name not in (\"pkg_build\", \"pkg_build_info\", \"pkg_state\")",
+    );
+    assert_ne!(parse, typed::PARSE, "the family filter was replaced");
+    let om = typed::python(&parse.replace("sys.argv[1]", "\"om\""), &typed::openmetrics(run.addr));
+    let want = "\
+pkg_build|info|pkg_build_info{server=\"gunicorn\",version=\"1.2\"} 1.0
+pkg_state|stateset|pkg_state{app=\"pkg\",pkg_state=\"starting\"} 0.0
+pkg_state|stateset|pkg_state{app=\"pkg\",pkg_state=\"serving\"} 1.0
+";
+    assert_eq!(om, want, "OpenMetrics");
+    let p004 = typed::python(&parse.replace("sys.argv[1]", "\"004\""), &util::scrape(run.addr));
+    let want = "\
+pkg_build_info|gauge|pkg_build_info{server=\"gunicorn\",version=\"1.2\"} 1.0
+pkg_state|gauge|pkg_state{app=\"pkg\",pkg_state=\"starting\"} 0.0
+pkg_state|gauge|pkg_state{app=\"pkg\",pkg_state=\"serving\"} 1.0
+";
+    assert_eq!(p004, want, "text 0.0.4");
     ps::stop(run);
 }
 
@@ -316,6 +345,9 @@ fn api_in_a_process_and_its_forked_children() {
     assert_eq!(get(r#"api_forked_total{who="child"}"#), 300.0);
     assert_eq!(get(r#"api_forked_total{who="parent"}"#), 1.0);
     assert_eq!(get("api_after_fork_total"), 3.0);
+    assert_eq!(get(r#"api_sizes_count{kind="a"}"#), 2.0);
+    assert_eq!(get(r#"api_sizes_sum{kind="a"}"#), 5.5);
+    assert_eq!(get("api_summary_timed_seconds_count"), 1.0);
 
     // Unexported: the same script runs, nothing is written.
     let out = std::process::Command::new(&py)

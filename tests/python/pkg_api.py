@@ -10,7 +10,7 @@ import sys
 import time
 
 import shmetrics
-from shmetrics import Counter, Gauge, Histogram
+from shmetrics import Counter, Enum, Gauge, Histogram, Info, Summary
 
 
 def raises(exc, f, *args, **kw):
@@ -88,6 +88,20 @@ def work():
 assert [work() for _ in range(3)] == [7, 7, 7]
 with TIMED.labels(kind="block").time():
     pass
+
+SIZES = Summary("api_sizes", "Sizes.", ["kind"])
+SIZES.labels("a").observe(2)
+SIZES.labels("a").observe(3.5)
+with Summary("api_summary_timed_seconds", "Timed.").time():
+    pass
+raises(ValueError, Enum, "api_noStates", "x")
+raises(ValueError, Enum, "api_mode", "x", ["api_mode"], states=["a"])
+raises(ValueError, Enum("api_e", "x", states=["a"]).state, "b")
+raises(ValueError, Info, "api_i", "x", unit="u")
+raises(ValueError, Info("api_i2", "x", ["k"]).labels("v").info, {"k": "1"})
+MODE = Enum("api_mode", "Mode.", states=["idle", "busy", "down"])
+MODE.state("busy")
+Info("api_build", "Build.").info({"version": "1.2", "rev": 7})
 
 # Forked children (os.fork holds the GIL across the fork): each gets a file of its own, registers
 # a metric after the fork, and exits normally (the clean-exit flag).

@@ -16,6 +16,9 @@ Metrics, recorded before the response is returned to the server:
     pkg_request_seconds{path}  Histogram (with the time() context manager)
     pkg_in_flight              Gauge, multiprocess_mode='livesum' (track_inprogress())
     pkg_up                     Gauge, 'max', set to 1 at import
+    pkg_payload_bytes          Summary of the 200 answers' body sizes
+    pkg_build                  Info {version="1.2", server=$PKG_SERVER}, set at import
+    pkg_state{app}             Enum starting|serving: "serving" once a worker answered /ready
 """
 
 import os
@@ -27,13 +30,18 @@ except ImportError as e:  # a clear message in the server's log, not only a trac
         "the shmetrics Python package is not installed in this interpreter: pip install ./python"
     ) from e
 
-from shmetrics import Counter, Gauge, Histogram
+from shmetrics import Counter, Enum, Gauge, Histogram, Info, Summary
 
 REQUESTS = Counter("pkg_requests_total", "HTTP requests answered, by route.", ["path"])
 LATENCY = Histogram("pkg_request_seconds", "Time spent handling a request, by route.", ["path"])
 IN_FLIGHT = Gauge("pkg_in_flight", "Requests being handled.", multiprocess_mode="livesum")
 UP = Gauge("pkg_up", "1 once the app is imported.", multiprocess_mode="max")
 UP.set(1)
+PAYLOAD = Summary("pkg_payload_bytes", "Response sizes.")
+BUILD = Info("pkg_build", "The app's build.")
+BUILD.info({"version": "1.2", "server": os.environ.get("PKG_SERVER", "?")})
+STATE = Enum("pkg_state", "The app's state.", ["app"], states=["starting", "serving"])
+STATE.labels("pkg").state("starting")
 
 
 def route(path):
@@ -44,6 +52,7 @@ def route(path):
         return "/pid", b"%d %s\n" % (os.getpid(), str(shmetrics.file_path()).encode())
     if path == "/ready":
         shmetrics.set_ready(True)
+        STATE.labels(app="pkg").state("serving")
         return "/ready", b"ready %d\n" % os.getpid()
     return None
 
@@ -60,6 +69,7 @@ def app(environ, start_response):
             with LATENCY.labels(label).time():
                 REQUESTS.labels(label).inc()
             status = "200 OK"
+            PAYLOAD.observe(len(body))
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
     start_response(status, headers)
     return [body]
