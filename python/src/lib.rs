@@ -264,20 +264,32 @@ fn registry() -> &'static Registry {
     Registry::global()
 }
 
-/// `#[pymethods]` of a metric class: its own methods, plus what every class has (`labels`,
+/// A metric class and its `#[pymethods]`: its own methods, plus what every class has (`labels`,
 /// `remove`, `clear`, `__repr__`). Every class has the fields `meta`, `node` and `labels` (the
 /// label values of a child, empty otherwise).
 ///
 /// The constructor takes prometheus_client's common arguments, then the class's own (`extra`,
 /// with defaults); `register` makes the writer's family from the full name, the documentation,
-/// the label names and the extra arguments.
+/// the label names and the extra arguments. `observe = ("observe")` adds `observe` and `time`
+/// (histograms and summaries; the literal is the method `time()`'s timer calls).
 macro_rules! metric_methods {
     (
-        $class:ident, kind = $kind:literal,
+        $(#[$attr:meta])*
+        $class:ident($handle:ty), kind = $kind:literal,
         extra = ($($p:ident: $t:ty = $d:expr),*),
         register = |$name:ident, $doc:ident, $labels:ident| $register:expr,
+        observe = ($($observe:literal)?),
         $($own:tt)*
     ) => {
+        $(#[$attr])*
+        #[pyclass(frozen, module = "shmetrics")]
+        struct $class {
+            meta: Arc<Meta>,
+            node: Node<$handle>,
+            /// The label values of a child; empty otherwise.
+            labels: Vec<String>,
+        }
+
         #[pymethods]
         impl $class {
             #[new]
@@ -308,6 +320,22 @@ macro_rules! metric_methods {
                 let node = Node::new(py, family, &meta)?;
                 Ok($class { meta: Arc::new(meta), node, labels: Vec::new() })
             }
+
+            $(
+                /// Records one observation.
+                #[pyo3(signature = (amount, exemplar=None))]
+                fn observe(&self, amount: f64, exemplar: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+                    let _ = exemplar;
+                    self.node.series(&self.meta)?.observe(amount);
+                    Ok(())
+                }
+
+                /// Observes the seconds a block or decorated function took.
+                fn time<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+                    slf.get().node.series(&slf.get().meta)?;
+                    helper(slf.py(), "Timer", (slf.clone(), $observe))
+                }
+            )?
 
             $($own)*
 
@@ -347,17 +375,12 @@ macro_rules! metric_methods {
 // -------------------------------------------------------------------------------------------------
 // Counter
 
-/// A counter: `Counter(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
-/// registry=None)`. Float increments, as in prometheus_client (the writer's f64 counter).
-#[pyclass(frozen, module = "shmetrics")]
-struct Counter {
-    meta: Arc<Meta>,
-    node: Node<CounterF64>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Counter, kind = "counter", extra = (),
+metric_methods! {
+    /// A counter: `Counter(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
+    /// registry=None)`. Float increments, as in prometheus_client (the writer's f64 counter).
+    Counter(CounterF64), kind = "counter", extra = (),
     register = |name, doc, labels| registry().counter_f64_family(name, doc, labels),
+    observe = (),
 
 
     /// Adds `amount` (default 1; floats allowed). Negative or NaN: `ValueError`.
@@ -396,22 +419,17 @@ fn not_removable() -> PyErr {
 // -------------------------------------------------------------------------------------------------
 // Gauge
 
-/// A gauge: `Gauge(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
-/// registry=None, multiprocess_mode='all')`. The modes are prometheus_client's names, which are
-/// the writer's (`all liveall min livemin max livemax sum livesum mostrecent livemostrecent`).
-#[pyclass(frozen, module = "shmetrics")]
-struct Gauge {
-    meta: Arc<Meta>,
-    node: Node<GaugeHandle>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Gauge, kind = "gauge", extra = (multiprocess_mode: &str = "all"),
+metric_methods! {
+    /// A gauge: `Gauge(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
+    /// registry=None, multiprocess_mode='all')`. The modes are prometheus_client's names, which are
+    /// the writer's (`all liveall min livemin max livemax sum livesum mostrecent livemostrecent`).
+    Gauge(GaugeHandle), kind = "gauge", extra = (multiprocess_mode: &str = "all"),
     register = |name, doc, labels| {
         let mode = GaugeMode::parse(multiprocess_mode)
             .ok_or_else(|| PyValueError::new_err(format!("Invalid multiprocess mode: {multiprocess_mode}")))?;
         registry().gauge_family(name, doc, mode, labels)
     },
+    observe = (),
 
 
     /// Adds `amount` (default 1).
@@ -498,76 +516,35 @@ fn bucket_bounds(buckets: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<f64>> {
     Ok(bounds)
 }
 
-/// A histogram: `Histogram(name, documentation, labelnames=(), namespace='', subsystem='',
-/// unit='', registry=None, buckets=DEFAULT_BUCKETS)` (prometheus_client's default buckets).
-#[pyclass(frozen, module = "shmetrics")]
-struct Histogram {
-    meta: Arc<Meta>,
-    node: Node<HistogramHandle>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Histogram, kind = "histogram", extra = (buckets: Option<&Bound<'_, PyAny>> = None),
+metric_methods! {
+    /// A histogram: `Histogram(name, documentation, labelnames=(), namespace='', subsystem='',
+    /// unit='', registry=None, buckets=DEFAULT_BUCKETS)` (prometheus_client's default buckets).
+    Histogram(HistogramHandle), kind = "histogram", extra = (buckets: Option<&Bound<'_, PyAny>> = None),
     register = |name, doc, labels| registry().histogram_family(name, doc, &bucket_bounds(buckets)?, labels),
+    observe = ("observe"),
 
 
-    /// Records one observation.
-    #[pyo3(signature = (amount, exemplar=None))]
-    fn observe(&self, amount: f64, exemplar: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let _ = exemplar;
-        self.node.series(&self.meta)?.observe(amount);
-        Ok(())
-    }
-
-    /// Observes the seconds a block or decorated function took.
-    fn time<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        slf.get().node.series(&slf.get().meta)?;
-        helper(slf.py(), "Timer", (slf.clone(), "observe"))
-    }
 }
 
 // -------------------------------------------------------------------------------------------------
 // Summary, Info, Enum
 
-/// A summary: `Summary(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
-/// registry=None)`: count and sum, no quantiles (as prometheus_client's).
-#[pyclass(frozen, module = "shmetrics")]
-struct Summary {
-    meta: Arc<Meta>,
-    node: Node<SummaryHandle>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Summary, kind = "summary", extra = (),
+metric_methods! {
+    /// A summary: `Summary(name, documentation, labelnames=(), namespace='', subsystem='', unit='',
+    /// registry=None)`: count and sum, no quantiles (as prometheus_client's).
+    Summary(SummaryHandle), kind = "summary", extra = (),
     register = |name, doc, labels| registry().summary_family(name, doc, labels),
+    observe = ("observe"),
 
-    /// Records one observation.
-    #[pyo3(signature = (amount, exemplar=None))]
-    fn observe(&self, amount: f64, exemplar: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let _ = exemplar;
-        self.node.series(&self.meta)?.observe(amount);
-        Ok(())
-    }
-
-    /// Observes the seconds a block or decorated function took.
-    fn time<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        slf.get().node.series(&slf.get().meta)?;
-        helper(slf.py(), "Timer", (slf.clone(), "observe"))
-    }
 }
 
-/// An info metric: `Info(name, documentation, labelnames=(), namespace='', subsystem='',
-/// registry=None)`; `info({key: value})` replaces its pairs. Exposed as `<name>_info{…} 1`
-/// (OpenMetrics `info`); across processes, the pairs set last by a live process win.
-#[pyclass(frozen, module = "shmetrics")]
-struct Info {
-    meta: Arc<Meta>,
-    node: Node<InfoHandle>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Info, kind = "info", extra = (),
+metric_methods! {
+    /// An info metric: `Info(name, documentation, labelnames=(), namespace='', subsystem='',
+    /// registry=None)`; `info({key: value})` replaces its pairs. Exposed as `<name>_info{…} 1`
+    /// (OpenMetrics `info`); across processes, the pairs set last by a live process win.
+    Info(InfoHandle), kind = "info", extra = (),
     register = |name, doc, labels| registry().info_family(name, doc, labels),
+    observe = (),
 
     /// Replaces the key/value pairs (values are `str()`-ed).
     fn info(&self, val: &Bound<'_, PyDict>) -> PyResult<()> {
@@ -581,17 +558,11 @@ metric_methods! { Info, kind = "info", extra = (),
     }
 }
 
-/// An enum: `Enum(name, documentation, labelnames=(), namespace='', subsystem='', registry=None,
-/// states=[...])`; `state(s)` sets it (the first state until then). Exposed as one sample per
-/// state (OpenMetrics `stateset`); across processes, the state set last by a live process wins.
-#[pyclass(frozen, module = "shmetrics")]
-struct Enum {
-    meta: Arc<Meta>,
-    node: Node<EnumHandle>,
-    labels: Vec<String>,
-}
-
-metric_methods! { Enum, kind = "stateset", extra = (states: Option<Vec<String>> = None),
+metric_methods! {
+    /// An enum: `Enum(name, documentation, labelnames=(), namespace='', subsystem='', registry=None,
+    /// states=[...])`; `state(s)` sets it (the first state until then). Exposed as one sample per
+    /// state (OpenMetrics `stateset`); across processes, the state set last by a live process wins.
+    Enum(EnumHandle), kind = "stateset", extra = (states: Option<Vec<String>> = None),
     register = |name, doc, labels| {
         let states = states.filter(|s| !s.is_empty()).ok_or_else(|| {
             PyValueError::new_err(format!("No states provided for Enum metric: {name}"))
@@ -602,6 +573,7 @@ metric_methods! { Enum, kind = "stateset", extra = (states: Option<Vec<String>> 
         let states: Vec<&str> = states.iter().map(String::as_str).collect();
         registry().enum_family(name, doc, labels, &states)
     },
+    observe = (),
 
     /// Sets the state; a `ValueError` if it is not one of the states.
     fn state(&self, state: &str) -> PyResult<()> {

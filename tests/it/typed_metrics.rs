@@ -47,7 +47,7 @@ pub(crate) fn openmetrics(addr: std::net::SocketAddr) -> String {
 /// always holds all three workers' observations (count 2 each, sums 1.5, 2.5, 3.5).
 fn expected(w: usize, om: bool) -> String {
     let states = ["idle", "busy", "down"];
-    let job = if w % 2 == 0 { "idle" } else { "down" };
+    let job = if w.is_multiple_of(2) { "idle" } else { "down" };
     let mut s = String::new();
     if om {
         s.push_str("# TYPE tw_build info\n# HELP tw_build Build.\n");
