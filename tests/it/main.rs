@@ -16,6 +16,7 @@ mod monitor;
 mod ops;
 mod processes;
 mod python_compat;
+mod python_package;
 mod python_servers;
 mod robustness;
 mod run_cmd;

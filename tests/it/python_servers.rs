@@ -31,7 +31,7 @@ use nix::unistd::Pid;
 use crate::run_cmd::{spawn_run, RunProc};
 use crate::util;
 
-const LONG: Duration = Duration::from_secs(20);
+pub(crate) const LONG: Duration = Duration::from_secs(20);
 const WORKERS: usize = 4;
 /// Pinned in `.ci/run`.
 const GUNICORN_PIN: &str = "gunicorn==23.0.0";
@@ -40,7 +40,7 @@ const GUNICORN_PIN: &str = "gunicorn==23.0.0";
 // Tools: the Python venv, gunicorn, uWSGI.
 
 /// Runs `python -c code`, returning its trimmed stdout, or panics with `hint`.
-fn python_says(code: &str, hint: &str) -> String {
+pub(crate) fn python_says(code: &str, hint: &str) -> String {
     let py = util::python();
     let out = Command::new(&py)
         .args(["-c", code])
@@ -64,7 +64,7 @@ fn venv_hint() -> String {
 
 /// The gunicorn installed next to `$SHMETRICS_TEST_PYTHON` (same venv, so it imports the same
 /// prometheus_client).
-fn require_gunicorn() -> PathBuf {
+pub(crate) fn require_gunicorn() -> PathBuf {
     let hint = venv_hint();
     let bin = python_says(
         "import os, sys, prometheus_client; print(os.path.join(os.path.dirname(sys.executable), 'gunicorn'))",
@@ -83,7 +83,7 @@ fn require_gunicorn() -> PathBuf {
 /// by another Python build (pyenv's, on CI) cannot be its `virtualenv` (`home`): uWSGI would load
 /// that build's standard library and its C extensions fail to load (`_ssl`: undefined symbol).
 /// prometheus_client is pure Python, so adding the venv's site-packages to the path is enough.
-fn require_uwsgi() -> (String, String) {
+pub(crate) fn require_uwsgi() -> (String, String) {
     let hint = "install Debian's uWSGI and its Python 3 plugin: \
                 `apt-get install -y uwsgi uwsgi-plugin-python3` (or run `bash .ci/run`)";
     let out = Command::new("uwsgi")
@@ -99,16 +99,16 @@ fn require_uwsgi() -> (String, String) {
     ("uwsgi".to_string(), site)
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
@@ -117,7 +117,7 @@ fn free_port() -> u16 {
 
 /// GET with `Connection: close`: `Ok((status, body))` only for a complete response (the whole
 /// `Content-Length` body arrived); anything else (refused, reset, closed early) is an error.
-fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Error, ErrorKind};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -146,7 +146,7 @@ fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// Waits until the app answers `/pid`; returns the number of answered `/pid` requests (1).
-fn wait_app(addr: SocketAddr, run: &mut RunProc) -> u64 {
+pub(crate) fn wait_app(addr: SocketAddr, run: &mut RunProc) -> u64 {
     util::wait_for(LONG, "the app to answer /pid", || {
         if let Some(st) = run.proc.child.try_wait().expect("try_wait") {
             panic!("shmetrics run exited ({st}) before the app answered; stderr:\n{}", run.stderr_text());
@@ -160,7 +160,7 @@ fn wait_app(addr: SocketAddr, run: &mut RunProc) -> u64 {
 
 /// Waits until `n` different workers have answered `/pid` (4 clients ask until they have), so that
 /// every worker is up and has written its files; returns the number of answered `/pid` requests.
-fn wait_workers(addr: SocketAddr, run: &mut RunProc, n: usize) -> u64 {
+pub(crate) fn wait_workers(addr: SocketAddr, run: &mut RunProc, n: usize) -> u64 {
     let mut answered = wait_app(addr, run);
     let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let count = Arc::new(AtomicU64::new(0));
@@ -194,7 +194,7 @@ fn wait_workers(addr: SocketAddr, run: &mut RunProc, n: usize) -> u64 {
 
 /// Sends every request of `paths` once, from `threads` threads, and returns the statuses of the
 /// answered ones (any failure panics: only for runs where no worker is killed).
-fn send_all(addr: SocketAddr, paths: &[&str], threads: usize) -> BTreeMap<(String, u16), u64> {
+pub(crate) fn send_all(addr: SocketAddr, paths: &[&str], threads: usize) -> BTreeMap<(String, u16), u64> {
     let queue: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(paths.iter().map(|p| p.to_string()).collect()));
     let answered = Arc::new(Mutex::new(BTreeMap::new()));
     let handles: Vec<_> = (0..threads)
@@ -221,14 +221,14 @@ fn send_all(addr: SocketAddr, paths: &[&str], threads: usize) -> BTreeMap<(Strin
 type Key = (String, BTreeMap<String, String>);
 
 #[derive(Debug, Default)]
-struct Expo {
-    samples: BTreeMap<Key, f64>,
+pub(crate) struct Expo {
+    pub(crate) samples: BTreeMap<Key, f64>,
     /// `# HELP` and `# TYPE` text by metric name.
     help: BTreeMap<String, String>,
-    types: BTreeMap<String, String>,
+    pub(crate) types: BTreeMap<String, String>,
 }
 
-fn parse(text: &str) -> Expo {
+pub(crate) fn parse(text: &str) -> Expo {
     let mut e = Expo::default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
@@ -257,11 +257,11 @@ fn key(name: &str, labels: &[(&str, &str)]) -> Key {
 }
 
 impl Expo {
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples.get(&key(name, labels)).copied()
     }
     /// The value of a sample that must be there.
-    fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or_else(|| {
             let near: Vec<_> = self.samples.keys().filter(|(n, _)| n.starts_with("app_")).collect();
             panic!("no sample {name}{labels:?}; app samples: {near:?}")
@@ -277,7 +277,7 @@ impl Expo {
     }
 }
 
-fn scrape(addr: SocketAddr) -> Expo {
+pub(crate) fn scrape(addr: SocketAddr) -> Expo {
     parse(&util::scrape(addr))
 }
 
@@ -348,7 +348,7 @@ fn db_files(dir: &Path) -> Vec<String> {
 }
 
 /// The pids whose parent is `ppid` (the workers of a master).
-fn children_of(ppid: i32) -> Vec<i32> {
+pub(crate) fn children_of(ppid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
@@ -365,7 +365,7 @@ fn children_of(ppid: i32) -> Vec<i32> {
 }
 
 /// Waits until `pid` has died (gone or a zombie): its sockets are closed, it accepts nothing more.
-fn wait_dead(pid: i32) {
+pub(crate) fn wait_dead(pid: i32) {
     util::wait_for(LONG, &format!("pid {pid} to die"), || {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => Some(()),
@@ -377,7 +377,7 @@ fn wait_dead(pid: i32) {
 
 /// SIGTERM through `shmetrics run`; the server must stop cleanly (status 0) and leave no process
 /// of its group behind.
-fn stop(mut run: RunProc) {
+pub(crate) fn stop(mut run: RunProc) {
     run.signal(Signal::SIGTERM);
     let st = run.wait(LONG);
     assert_eq!(
@@ -392,7 +392,7 @@ fn stop(mut run: RunProc) {
     });
 }
 
-fn start(args: &[&str], extra_env: &[(&str, &str)], xdg: &Path) -> RunProc {
+pub(crate) fn start(args: &[&str], extra_env: &[(&str, &str)], xdg: &Path) -> RunProc {
     let mut env = vec![("XDG_RUNTIME_DIR", s(xdg)), ("PYTHONDONTWRITEBYTECODE", "1")];
     env.extend_from_slice(extra_env);
     spawn_run(args, &env)

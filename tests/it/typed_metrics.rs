@@ -37,7 +37,7 @@ fn tw_lines(text: &str) -> String {
         .collect()
 }
 
-fn openmetrics(addr: std::net::SocketAddr) -> String {
+pub(crate) fn openmetrics(addr: std::net::SocketAddr) -> String {
     let r = util::http_get(addr, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]);
     assert_eq!(r.status, 200);
     r.text()
@@ -143,7 +143,7 @@ fn forked_writers_merge_summary_info_and_enum_and_the_last_live_writer_wins() {
 }
 
 /// Runs `code` with the test Python, `input` on its stdin; its output.
-fn python(code: &str, input: &str) -> String {
+pub(crate) fn python(code: &str, input: &str) -> String {
     let py = util::require_python();
     let (ok, out) = util::run_with_stdin(Command::new(&py).args(["-c", code]), input.as_bytes());
     assert!(ok, "the parser rejected:\n{out}\n{input}");
@@ -151,7 +151,7 @@ fn python(code: &str, input: &str) -> String {
 }
 
 /// Prints `family|type|sample{labels} value` for every `tw_` sample, labels sorted.
-const PARSE: &str = r#"
+pub(crate) const PARSE: &str = r#"
 import sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
 from prometheus_client.parser import text_string_to_metric_families as p004
