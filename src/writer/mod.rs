@@ -727,6 +727,49 @@ mod tests {
     }
 
     #[test]
+    fn every_thread_resolves_a_label_set_to_the_same_series() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("registry");
+        let fam = reg.counter_family("races_total", "x", &["i", "kind"]).expect("family");
+        let again = reg.counter_family("races_total", "x", &["i", "kind"]).expect("same family");
+        const N: usize = 3000;
+        // Four threads create and look up the same label sets in different orders, racing each
+        // other's inserts and the table's growth; half go through the second handle.
+        let seen: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4usize)
+                .map(|t| {
+                    let f = if t % 2 == 0 { &fam } else { &again };
+                    s.spawn(move || {
+                        let mut at = vec![0; N];
+                        for k in 0..N {
+                            let i = (k + t * 777) % N;
+                            let c = f.with_labels(&[i.to_string().as_str(), "x"]).expect("series");
+                            c.inc();
+                            at[i] = c.0.values.as_ptr() as usize;
+                        }
+                        at
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        let mut distinct = std::collections::HashSet::new();
+        for i in 0..N {
+            assert!(seen.iter().all(|at| at[i] == seen[0][i]), "label set {i}: one series");
+            let c = fam.with_labels(&[i.to_string().as_str(), "x"]).expect("series");
+            assert_eq!(c.0.values.as_ptr() as usize, seen[0][i]);
+            assert_eq!(c.get(), 4, "label set {i}: one increment per thread");
+            distinct.insert(seen[0][i]);
+        }
+        assert_eq!(distinct.len(), N, "distinct label sets are distinct series");
+        assert_eq!(reg.dropped_series(), 0);
+        assert!(matches!(
+            fam.with_labels(&["1", "x", "y"]),
+            Err(Error::LabelCount { expected: 2, got: 3, .. })
+        ));
+    }
+
+    #[test]
     fn histogram_buckets_and_nan() {
         let reg = Registry::in_process();
         let bounds: Vec<f64> = (1..=20).map(f64::from).collect();
