@@ -13,17 +13,16 @@
 //! (a full disk) writes into its parent's file instead, where its updates are merged once; what it
 //! cannot record there (new metrics and label sets) is counted as dropped. It says so on stderr.
 
+mod labels;
 mod store;
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use hashbrown::{Equivalent, HashMap};
-
 use crate::error::{Error, Result};
 use crate::layout::{self, header, GaugeMode, MetricDesc, MetricType, ValueType};
+use labels::LabelTable;
 use store::{Store, StoreState, SCRATCH};
 
 pub use store::DEFAULT_RESERVE;
@@ -54,27 +53,9 @@ struct MetricEntry {
     /// The metric's id in the file, if its METRIC record made it in; if not, every series goes
     /// to scratch.
     published: Option<u32>,
-    /// Label values → offset of the first slot, or [`NO_ROOM`].
-    children: HashMap<Box<[String]>, u64>,
-}
-
-/// Child offset of a series that could not be registered (its handle writes to scratch).
-const NO_ROOM: u64 = u64::MAX;
-
-/// Looks up `Box<[String]>` keys by `&[&str]` without allocating. `[T]` hashes its length and then
-/// each element, and `String`, `&str` and `str` hash alike, so both sides hash identically.
-struct LabelsRef<'a>(&'a [&'a str]);
-
-impl Hash for LabelsRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
-    }
-}
-
-impl Equivalent<Box<[String]>> for LabelsRef<'_> {
-    fn equivalent(&self, key: &Box<[String]>) -> bool {
-        self.0.len() == key.len() && self.0.iter().zip(key.iter()).all(|(a, b)| *a == b)
-    }
+    /// Label values → the series' slots (scratch slots for a series that found no room). Its
+    /// [`Family`] handles read it without the lock.
+    series: &'static LabelTable,
 }
 
 /// A process's metrics: one file in the multiproc directory, or private memory.
@@ -178,21 +159,22 @@ impl Registry {
         })
     }
 
-    fn register(&self, desc: MetricDesc) -> Result<u32> {
+    /// Registers `desc` (or finds it registered): its id and its table of series.
+    fn register(&self, desc: MetricDesc) -> Result<(u32, Option<&'static LabelTable>)> {
         layout::validate_desc(&desc)?;
-        let Some(store) = self.store else { return Ok(0) };
+        let Some(store) = self.store else { return Ok((0, None)) };
         store.flush_log();
         let mut st = store.lock();
         if let Some(&id) = st.registry.by_name.get(&desc.name) {
-            let existing = &st.registry.metrics[id as usize].desc;
-            if *existing != desc {
+            let existing = &st.registry.metrics[id as usize];
+            if existing.desc != desc {
                 return Err(Error::Conflict {
                     name: desc.name.clone(),
-                    existing: describe(existing),
+                    existing: describe(&existing.desc),
                     requested: describe(&desc),
                 });
             }
-            return Ok(id);
+            return Ok((id, Some(existing.series)));
         }
         let id = st.registry.metrics.len() as u32;
         // File metric ids count only METRIC records that made it into the file (readers require
@@ -213,15 +195,16 @@ impl Registry {
         let bounds: &'static [f64] = Box::leak(desc.buckets.clone().into_boxed_slice());
         let states: &'static [String] = Box::leak(desc.states.clone().into_boxed_slice());
         st.registry.by_name.insert(desc.name.clone(), id);
-        st.registry.metrics.push(MetricEntry { desc, bounds, states, published, children: HashMap::new() });
-        Ok(id)
+        let series = LabelTable::leak();
+        st.registry.metrics.push(MetricEntry { desc, bounds, states, published, series });
+        Ok((id, Some(series)))
     }
 
     fn family<M: Metric>(&self, desc: MetricDesc) -> Result<Family<M>> {
         let n_labels = desc.label_names.len();
         let name = desc.name.clone();
-        let id = self.register(desc)?;
-        Ok(Family { registry: *self, id, n_labels, name, _m: std::marker::PhantomData })
+        let (id, series) = self.register(desc)?;
+        Ok(Family { registry: *self, id, n_labels, name, series, _m: std::marker::PhantomData })
     }
 
     /// A counter family (u64) with the given label names. A trailing `_total` in `name` is
@@ -331,36 +314,29 @@ impl Registry {
         let st: &mut StoreState = &mut guard;
         let unknown = || Error::Corrupt(format!("unknown metric id {id}"));
         let entry = st.registry.metrics.get(id as usize).ok_or_else(unknown)?;
-        let (bounds, states, n_slots) = (entry.bounds, entry.states, entry.desc.slots());
+        let (series, bounds, states, n_slots, published) =
+            (entry.series, entry.bounds, entry.states, entry.desc.slots(), entry.published);
+        if let Some(found) = series.get(values) {
+            return Ok(found);
+        }
+        if values.iter().any(|v| v.len() > layout::MAX_STRING) {
+            return Err(Error::InvalidLabelValue(entry.desc.name.clone()));
+        }
         let typed = entry.desc.metric_type.is_typed();
-        let off = match entry.children.get(&LabelsRef(values)).copied() {
-            Some(off) => off,
-            None => {
-                if values.iter().any(|v| v.len() > layout::MAX_STRING) {
-                    return Err(Error::InvalidLabelValue(entry.desc.name.clone()));
-                }
-                let off = if let Some(file_id) = entry.published {
-                    let (record, slots_offset) = layout::encode_series(typed, file_id, values, n_slots);
-                    store.append(st, &record).map(|rec| rec + slots_offset as u64)
-                } else {
-                    None
-                };
-                let off = off.unwrap_or_else(|| {
-                    store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
-                    NO_ROOM
-                });
-                let key: Box<[String]> = values.iter().map(|v| (*v).to_owned()).collect();
-                if let Some(e) = st.registry.metrics.get_mut(id as usize) {
-                    e.children.insert(key, off);
-                }
-                off
-            }
+        let off = published.and_then(|file_id| {
+            let (record, slots_offset) = layout::encode_series(typed, file_id, values, n_slots);
+            store.append(st, &record).map(|rec| rec + slots_offset as u64)
+        });
+        if off.is_none() {
+            store.header_atomic(header::DROPPED_SERIES).fetch_add(1, Ordering::Relaxed);
+        }
+        let slots = match off.and_then(|off| store.region.atomics(off, n_slots)) {
+            Some(values) => Slots { values, dropped: None },
+            None => Slots::scratch(Some(store.header_atomic(header::DROPPED_UPDATES)), n_slots),
         };
-        let slots = match store.region.atomics(off, n_slots) {
-            Some(values) if off != NO_ROOM => Slots { values, dropped: None },
-            _ => Slots::scratch(Some(store.header_atomic(header::DROPPED_UPDATES)), n_slots),
-        };
-        Ok(Resolved { slots, bounds, states })
+        let resolved = Resolved { slots, bounds, states };
+        series.insert(values, resolved);
+        Ok(resolved)
     }
 
     /// The description of metric `id` (a copy, under the registration lock).
@@ -511,6 +487,8 @@ pub struct Family<M> {
     id: u32,
     n_labels: usize,
     name: String,
+    /// The metric's series ([`MetricEntry::series`]); `None` without a store.
+    series: Option<&'static LabelTable>,
     _m: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -521,6 +499,7 @@ impl<M> Clone for Family<M> {
             id: self.id,
             n_labels: self.n_labels,
             name: self.name.clone(),
+            series: self.series,
             _m: std::marker::PhantomData,
         }
     }
@@ -532,46 +511,10 @@ impl<M> std::fmt::Debug for Family<M> {
     }
 }
 
-/// Key of the per-thread handle cache: which family (store address and metric id) and labels.
-#[derive(PartialEq, Eq, Hash)]
-struct CacheKey {
-    family: (usize, u32),
-    labels: Box<[String]>,
-}
-
-/// Borrowed form of [`CacheKey`]; hashes identically (see [`LabelsRef`]).
-struct CacheRef<'a> {
-    family: (usize, u32),
-    labels: &'a [&'a str],
-}
-
-impl Hash for CacheRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.family.hash(state);
-        self.labels.hash(state);
-    }
-}
-
-impl Equivalent<CacheKey> for CacheRef<'_> {
-    fn equivalent(&self, key: &CacheKey) -> bool {
-        self.family == key.family && LabelsRef(self.labels).equivalent(&key.labels)
-    }
-}
-
-/// Resolved series of one thread: slots, bucket bounds and states by family and labels.
-type HandleCache = HashMap<CacheKey, Resolved>;
-
-thread_local! {
-    /// Series handles this thread already resolved. Series are never removed and their slots
-    /// never move (not even across fork), so a cached handle stays valid for the life of the
-    /// process; hits need no lock.
-    static HANDLES: std::cell::RefCell<Option<HandleCache>> = const { std::cell::RefCell::new(None) };
-}
-
 impl<M: Metric> Family<M> {
     /// The handle of the series with these label values (in label-name order), creating it on
-    /// first use. Lookups of existing series take no lock (each thread caches what it resolved);
-    /// caching the handle yourself is faster still.
+    /// first use. Lookups of existing series take no lock (the metric's table of series is
+    /// read lock-free from every thread); caching the handle yourself is faster still.
     pub fn with_labels(&self, values: &[&str]) -> Result<M> {
         if values.len() != self.n_labels {
             return Err(Error::LabelCount {
@@ -588,15 +531,10 @@ impl<M: Metric> Family<M> {
             let none = Resolved { slots: Slots::scratch(None, 0), bounds: &[], states: &[] };
             return Ok(M::from_parts(parts(none)));
         }
-        let family = (self.registry.store.map_or(0, |s| s as *const Store as usize), self.id);
-        let hit = HANDLES
-            .with(|c| c.borrow().as_ref().and_then(|m| m.get(&CacheRef { family, labels: values }).copied()));
-        if let Some(resolved) = hit {
+        if let Some(resolved) = self.series.and_then(|t| t.get(values)) {
             return Ok(M::from_parts(parts(resolved)));
         }
         let resolved = self.registry.child(self.id, values)?;
-        let key = CacheKey { family, labels: values.iter().map(|v| (*v).to_owned()).collect() };
-        HANDLES.with(|c| c.borrow_mut().get_or_insert_with(HashMap::new).insert(key, resolved));
         Ok(M::from_parts(parts(resolved)))
     }
 }
@@ -1116,6 +1054,49 @@ mod tests {
         assert!(reg.info("build", "x").is_ok());
         assert!(matches!(reg.counter("build", "x"), Err(Error::Conflict { .. })));
         assert_eq!(reg.dropped_series(), 0);
+    }
+
+    #[test]
+    fn every_thread_resolves_a_label_set_to_the_same_series() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("registry");
+        let fam = reg.counter_family("races_total", "x", &["i", "kind"]).expect("family");
+        let again = reg.counter_family("races_total", "x", &["i", "kind"]).expect("same family");
+        const N: usize = 3000;
+        // Four threads create and look up the same label sets in different orders, racing each
+        // other's inserts and the table's growth; half go through the second handle.
+        let seen: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4usize)
+                .map(|t| {
+                    let f = if t % 2 == 0 { &fam } else { &again };
+                    s.spawn(move || {
+                        let mut at = vec![0; N];
+                        for k in 0..N {
+                            let i = (k + t * 777) % N;
+                            let c = f.with_labels(&[i.to_string().as_str(), "x"]).expect("series");
+                            c.inc();
+                            at[i] = c.0.values.as_ptr() as usize;
+                        }
+                        at
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        let mut distinct = std::collections::HashSet::new();
+        for i in 0..N {
+            assert!(seen.iter().all(|at| at[i] == seen[0][i]), "label set {i}: one series");
+            let c = fam.with_labels(&[i.to_string().as_str(), "x"]).expect("series");
+            assert_eq!(c.0.values.as_ptr() as usize, seen[0][i]);
+            assert_eq!(c.get(), 4, "label set {i}: one increment per thread");
+            distinct.insert(seen[0][i]);
+        }
+        assert_eq!(distinct.len(), N, "distinct label sets are distinct series");
+        assert_eq!(reg.dropped_series(), 0);
+        assert!(matches!(
+            fam.with_labels(&["1", "x", "y"]),
+            Err(Error::LabelCount { expected: 2, got: 3, .. })
+        ));
     }
 
     #[test]
