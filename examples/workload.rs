@@ -53,7 +53,7 @@
 //!
 //! | metric (merge mode) | each worker writes | merged value |
 //! |---|---|---|
-//! | `wl_requests_total{route="/r<i>"}` (u64 counter) | `inc_by(K·(i+1)·(w+1))` | `M + K·(i+1)·T` |
+//! | `wl_requests_total{route="/r<i>"}` (u64 counter) | `inc_by(K·(i+1)·(w+1))` (odd `w`: through `with_labels` after the fork) | `M + K·(i+1)·T` |
 //! | `wl_inflight{route="/r<i>"}` (`LiveSum`) | `set((i+1)+(w+1))` | `W·(i+1) + T` while the workers live |
 //! | `wl_max{route="/r<i>"}` (`Max`) | `set((w+1)·(i+1))` | `W·(i+1)` |
 //! | `wl_all{route="/r<i>",pid}` (`LiveAll`) | `set(w+1)` | `w+1` for the pid of worker `w`, while it lives |
@@ -430,8 +430,15 @@ fn round(w: u64, args: &Args, h: &Handles) -> Result<()> {
     let k = args.incs;
     let n = w + 1;
     for (i, s) in (1u64..).zip(&h.series) {
-        // `i` here is the 1-based i+1 of the documentation.
-        s.requests.inc_by(k * i * n);
+        // `i` here is the 1-based i+1 of the documentation. Odd workers look `wl_requests_total`
+        // up again through its family, which finds the series the master created before the fork
+        // in the table the child inherited: it must resolve to the child's own file, as the
+        // handle the master took does.
+        if w % 2 == 1 {
+            h.requests.with_labels(&[format!("/r{}", i - 1).as_str()])?.inc_by(k * i * n);
+        } else {
+            s.requests.inc_by(k * i * n);
+        }
         s.inflight.set((i + n) as f64);
         s.max.set((n * i) as f64);
         s.all.set(n as f64);
