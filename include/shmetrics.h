@@ -14,7 +14,9 @@
  *
  * Errors: *_new functions return SHM_OK or an error code and leave *out untouched on error;
  * shm_last_error() says why (per thread). Nothing aborts the process: a full file or disk drops
- * updates and counts them for the aggregator. Update functions ignore a NULL handle.
+ * updates and counts them for the aggregator. Update functions that return void ignore a NULL
+ * handle; those that return an int (shm_info_set, shm_enum_set, shm_enum_set_index) check their
+ * input and refuse a NULL handle with SHM_ERR_ARGUMENT.
  *
  * Threads and fork: every function may be called from any thread. After fork(), handles keep
  * working in the child, which gets a file of its own (its updates are not counted twice); exit()
@@ -36,7 +38,8 @@ extern "C" {
 
 #define SHM_OK 0
 #define SHM_ERR_ARGUMENT 1 /* a required pointer is NULL, or a string is not UTF-8 */
-#define SHM_ERR_INVALID 2  /* bad metric or label name or value, buckets, gauge mode */
+#define SHM_ERR_INVALID 2  /* bad metric or label name or value, buckets, gauge mode, info key,
+                            * enum states, or a state (or index) the enum does not have */
 #define SHM_ERR_LABELS 3   /* label values do not match the metric's label names */
 #define SHM_ERR_CONFLICT 4 /* the name is registered with another type, help, labels or buckets */
 #define SHM_ERR_INTERNAL 99
@@ -44,6 +47,9 @@ extern "C" {
 typedef struct ShmCounter shm_counter;
 typedef struct ShmGauge shm_gauge;
 typedef struct ShmHistogram shm_histogram;
+typedef struct ShmSummary shm_summary;
+typedef struct ShmInfo shm_info;
+typedef struct ShmEnum shm_enum;
 
 int shm_counter_new(const char *name, const char *help, const char *const *label_names,
                     const char *const *label_values, size_t n_labels, shm_counter **out);
@@ -68,6 +74,38 @@ int shm_histogram_new(const char *name, const char *help, const double *buckets,
                       size_t n_labels, shm_histogram **out);
 void shm_histogram_observe(const shm_histogram *h, double v);
 void shm_histogram_free(shm_histogram *h);
+
+/* A summary: the count and sum of observations, exposed as name_count and name_sum (no
+ * quantiles: they cannot be merged across processes). */
+int shm_summary_new(const char *name, const char *help, const char *const *label_names,
+                    const char *const *label_values, size_t n_labels, shm_summary **out);
+void shm_summary_observe(const shm_summary *s, double v);
+void shm_summary_free(shm_summary *s);
+
+/* An info: a set of key/value pairs, exposed as name_info{labels..., keys...} 1 (a trailing
+ * "_info" in name is dropped: the exposition adds it); no sample until set. Across processes the
+ * value set last by a live process wins. */
+int shm_info_new(const char *name, const char *help, const char *const *label_names,
+                 const char *const *label_values, size_t n_labels, shm_info **out);
+/* Replaces the whole value with the n pairs keys[i]=values[i] (arrays of n strings, NULL if n is
+ * 0); each distinct value set is a series of its own in the file. Keys must be valid label
+ * names, unique and not among the metric's label names (else SHM_ERR_INVALID, value unchanged);
+ * labels and keys together at most 64, values at most 64 KiB. Returns SHM_OK or an error code. */
+int shm_info_set(const shm_info *i, const char *const *keys, const char *const *values, size_t n);
+void shm_info_free(shm_info *i);
+
+/* An enum (OpenMetrics stateset): states is an array of n_states (at least 1) distinct, non-empty
+ * strings; no label may be named like the metric. The series is in the first state until set,
+ * exposed as one sample per state, name{labels...,name="state"} 0 or 1. Across processes the
+ * state set last by a live process wins. */
+int shm_enum_new(const char *name, const char *help, const char *const *states, size_t n_states,
+                 const char *const *label_names, const char *const *label_values,
+                 size_t n_labels, shm_enum **out);
+/* Set the state by name / by its index in states: SHM_OK, or SHM_ERR_INVALID if the enum has no
+ * such state (state unchanged), SHM_ERR_ARGUMENT for a NULL handle or state. */
+int shm_enum_set(const shm_enum *e, const char *state);
+int shm_enum_set_index(const shm_enum *e, size_t i);
+void shm_enum_free(shm_enum *e);
 
 /* Non-zero: this process is ready to serve (the aggregator's health check counts it). */
 void shm_set_ready(int ready);

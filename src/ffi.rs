@@ -29,14 +29,15 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_double, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::writer::{Counter, Gauge, Histogram, Registry};
+use crate::writer::{Counter, Enum, Gauge, Histogram, Info, Registry, Summary};
 use crate::{Error, GaugeMode};
 
 /// Success.
 pub const SHM_OK: c_int = 0;
 /// A required pointer was null, or a string was not UTF-8.
 pub const SHM_ERR_ARGUMENT: c_int = 1;
-/// An invalid metric name, label name or value, bucket list or gauge mode.
+/// An invalid metric name, label name or value, bucket list, gauge mode, info key, enum state
+/// list, or a state an enum does not have.
 pub const SHM_ERR_INVALID: c_int = 2;
 /// The number of label values does not match the metric's label names.
 pub const SHM_ERR_LABELS: c_int = 3;
@@ -60,7 +61,8 @@ fn code_of(e: &Error) -> c_int {
         Error::InvalidName(_)
         | Error::InvalidLabelName(_)
         | Error::InvalidLabelValue(_)
-        | Error::InvalidBuckets(_) => SHM_ERR_INVALID,
+        | Error::InvalidBuckets(_)
+        | Error::InvalidValue(_) => SHM_ERR_INVALID,
         Error::LabelCount { .. } => SHM_ERR_LABELS,
         Error::Conflict { .. } => SHM_ERR_CONFLICT,
         _ => SHM_ERR_INTERNAL,
@@ -137,6 +139,15 @@ unsafe fn series<'a>(
     }
 }
 
+/// The handle behind `p`, refused if null (for the update functions that return a code).
+///
+/// # Safety
+/// `p` is null or a live handle from this library.
+unsafe fn handle<'a, T>(p: *const T) -> Result<&'a T, (c_int, String)> {
+    // SAFETY: a live handle, or null.
+    unsafe { p.as_ref() }.ok_or_else(|| (SHM_ERR_ARGUMENT, "the handle is NULL".into()))
+}
+
 /// Runs `f` on the handle behind `p` (null: nothing).
 ///
 /// # Safety
@@ -174,6 +185,12 @@ pub struct ShmCounter(Counter);
 pub struct ShmGauge(Gauge);
 /// An opaque histogram series (`shm_histogram`).
 pub struct ShmHistogram(Histogram);
+/// An opaque summary series (`shm_summary`).
+pub struct ShmSummary(Summary);
+/// An opaque info series (`shm_info`).
+pub struct ShmInfo(Info);
+/// An opaque enum series (`shm_enum`).
+pub struct ShmEnum(Enum);
 
 /// Registers (or finds) the counter `name` with `n_labels` label names and returns the handle of
 /// the series with these label values.
@@ -347,6 +364,161 @@ pub unsafe extern "C" fn shm_histogram_free(h: *mut ShmHistogram) {
     unsafe { free(h) }
 }
 
+/// Registers (or finds) the summary `name` (count and sum of observations, no quantiles) and
+/// returns the handle of the series with these label values.
+///
+/// # Safety
+/// As [`shm_counter_new`].
+#[no_mangle]
+pub unsafe extern "C" fn shm_summary_new(
+    name: *const c_char,
+    help: *const c_char,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmSummary,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
+        let family = registry().summary_family(s.name, s.help, &s.label_names).map_err(err)?;
+        put(out, ShmSummary(family.with_labels(&s.label_values).map_err(err)?))
+    })
+}
+
+/// Records one observation: one more in the count, `v` more in the sum.
+///
+/// # Safety
+/// `s` is a handle from [`shm_summary_new`], not freed (NULL is ignored).
+#[no_mangle]
+pub unsafe extern "C" fn shm_summary_observe(s: *const ShmSummary, v: c_double) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { with(s, |h| h.0.observe(v)) }
+}
+
+/// Frees a summary handle (NULL is ignored).
+///
+/// # Safety
+/// `s` is a handle from [`shm_summary_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_summary_free(s: *mut ShmSummary) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(s) }
+}
+
+/// Registers (or finds) the info `name` (a trailing `_info` is dropped: the exposition adds it)
+/// and returns the handle of the series with these label values. It shows no sample until set.
+///
+/// # Safety
+/// As [`shm_counter_new`].
+#[no_mangle]
+pub unsafe extern "C" fn shm_info_new(
+    name: *const c_char,
+    help: *const c_char,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmInfo,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
+        let family = registry().info_family(s.name, s.help, &s.label_names).map_err(err)?;
+        put(out, ShmInfo(family.with_labels(&s.label_values).map_err(err)?))
+    })
+}
+
+/// Replaces the info's value with the `n` pairs `keys[i]`=`values[i]`, in this order.
+///
+/// # Safety
+/// `i` is a handle from [`shm_info_new`], not freed (NULL is refused); `keys` and `values` are
+/// arrays of `n` NUL-terminated strings (NULL if `n` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn shm_info_set(
+    i: *const ShmInfo,
+    keys: *const *const c_char,
+    values: *const *const c_char,
+    n: usize,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (h, keys, values) = unsafe { (handle(i)?, texts(keys, n, "keys")?, texts(values, n, "values")?) };
+        let pairs: Vec<(&str, &str)> = keys.into_iter().zip(values).collect();
+        h.0.set(&pairs).map_err(err)
+    })
+}
+
+/// Frees an info handle (NULL is ignored).
+///
+/// # Safety
+/// `i` is a handle from [`shm_info_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_info_free(i: *mut ShmInfo) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(i) }
+}
+
+/// Registers (or finds) the enum `name` with `n_states` distinct, non-empty states and returns
+/// the handle of the series with these label values, in the first state until set.
+///
+/// # Safety
+/// As [`shm_counter_new`]; `states` is an array of `n_states` NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn shm_enum_new(
+    name: *const c_char,
+    help: *const c_char,
+    states: *const *const c_char,
+    n_states: usize,
+    label_names: *const *const c_char,
+    label_values: *const *const c_char,
+    n_labels: usize,
+    out: *mut *mut ShmEnum,
+) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (s, states) = unsafe {
+            (series(name, help, label_names, label_values, n_labels)?, texts(states, n_states, "states")?)
+        };
+        let family = registry().enum_family(s.name, s.help, &s.label_names, &states).map_err(err)?;
+        put(out, ShmEnum(family.with_labels(&s.label_values).map_err(err)?))
+    })
+}
+
+/// Sets the enum's state by name; `SHM_ERR_INVALID` if it is not one of its states.
+///
+/// # Safety
+/// `e` is a handle from [`shm_enum_new`], not freed (NULL is refused); `state` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shm_enum_set(e: *const ShmEnum, state: *const c_char) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (h, state) = unsafe { (handle(e)?, text(state, "state")?) };
+        h.0.set(state).map_err(err)
+    })
+}
+
+/// Sets the enum's state by its index in the states; `SHM_ERR_INVALID` if out of range.
+///
+/// # Safety
+/// `e` is a handle from [`shm_enum_new`], not freed (NULL is refused).
+#[no_mangle]
+pub unsafe extern "C" fn shm_enum_set_index(e: *const ShmEnum, i: usize) -> c_int {
+    guarded(|| {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { handle(e)? }.0.set_index(i).map_err(err)
+    })
+}
+
+/// Frees an enum handle (NULL is ignored).
+///
+/// # Safety
+/// `e` is a handle from [`shm_enum_new`], freed once.
+#[no_mangle]
+pub unsafe extern "C" fn shm_enum_free(e: *mut ShmEnum) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { free(e) }
+}
+
 /// Declares this process ready (non-zero) or not (0): the aggregator's health check counts it.
 #[no_mangle]
 pub extern "C" fn shm_set_ready(ready: c_int) {
@@ -482,6 +654,100 @@ mod tests {
             shm_counter_inc(std::ptr::null(), 1);
             shm_gauge_set(std::ptr::null(), 1.0);
             shm_counter_free(std::ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn summary_info_and_enum_handles_and_their_error_codes() {
+        let help = c("Help.");
+        let (ln, lv) = (c("kind"), c("task"));
+        let (names, values) = ([ln.as_ptr()], [lv.as_ptr()]);
+        let mut s: *mut ShmSummary = std::ptr::null_mut();
+        let name = c("ffi_work_seconds");
+        // Registered with one label; again with none is a conflict (names and values always come
+        // in equal numbers here, so a wrong count shows as another label set).
+        let rc = unsafe {
+            shm_summary_new(name.as_ptr(), help.as_ptr(), names.as_ptr(), values.as_ptr(), 1, &mut s)
+        };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        let mut s2: *mut ShmSummary = std::ptr::null_mut();
+        let rc = unsafe {
+            shm_summary_new(name.as_ptr(), help.as_ptr(), names.as_ptr(), values.as_ptr(), 0, &mut s2)
+        };
+        assert_eq!((rc, s2.is_null()), (SHM_ERR_CONFLICT, true), "{}", last());
+        unsafe {
+            shm_summary_observe(s, 0.25);
+            shm_summary_observe(s, 0.5);
+            shm_summary_observe(std::ptr::null(), 1.0);
+        }
+        assert_eq!(unsafe { &*s }.0.get(), (2, 0.75));
+        unsafe { shm_summary_free(s) };
+
+        let mut i: *mut ShmInfo = std::ptr::null_mut();
+        let rc = unsafe {
+            shm_info_new(c("ffi_build").as_ptr(), help.as_ptr(), names.as_ptr(), values.as_ptr(), 1, &mut i)
+        };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        let (k, v, bad, kind) = (c("version"), c("1.0"), c("1bad"), c("kind"));
+        let rc = unsafe { shm_info_set(i, [k.as_ptr()].as_ptr(), [v.as_ptr()].as_ptr(), 1) };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        for key in [&bad, &kind] {
+            let rc = unsafe { shm_info_set(i, [key.as_ptr()].as_ptr(), [v.as_ptr()].as_ptr(), 1) };
+            assert_eq!(rc, SHM_ERR_INVALID, "{}", last());
+        }
+        assert!(last().contains("kind"), "{}", last());
+        let rc = unsafe { shm_info_set(i, std::ptr::null(), [v.as_ptr()].as_ptr(), 1) };
+        assert_eq!((rc, last()), (SHM_ERR_ARGUMENT, "keys is NULL but 1 are expected".to_string()));
+        let rc = unsafe { shm_info_set(std::ptr::null(), std::ptr::null(), std::ptr::null(), 0) };
+        assert_eq!((rc, last()), (SHM_ERR_ARGUMENT, "the handle is NULL".to_string()));
+        unsafe { shm_info_free(i) };
+
+        let st = [c("idle"), c("busy")];
+        let states = [st[0].as_ptr(), st[1].as_ptr()];
+        let mut e: *mut ShmEnum = std::ptr::null_mut();
+        let ename = c("ffi_state");
+        let rc = unsafe {
+            shm_enum_new(
+                ename.as_ptr(),
+                help.as_ptr(),
+                states.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut e,
+            )
+        };
+        assert_eq!((rc, e.is_null()), (SHM_ERR_INVALID, true), "{}", last());
+        let rc = unsafe {
+            shm_enum_new(
+                ename.as_ptr(),
+                help.as_ptr(),
+                states.as_ptr(),
+                2,
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut e,
+            )
+        };
+        assert_eq!(rc, SHM_OK, "{}", last());
+        assert_eq!(unsafe { &*e }.0.get(), 0);
+        assert_eq!(unsafe { shm_enum_set(e, st[1].as_ptr()) }, SHM_OK);
+        assert_eq!(unsafe { &*e }.0.get(), 1);
+        assert_eq!(unsafe { shm_enum_set(e, c("lost").as_ptr()) }, SHM_ERR_INVALID);
+        assert!(last().contains("lost"), "{}", last());
+        assert_eq!(unsafe { shm_enum_set_index(e, 2) }, SHM_ERR_INVALID);
+        assert_eq!(unsafe { shm_enum_set(e, std::ptr::null()) }, SHM_ERR_ARGUMENT);
+        assert_eq!(unsafe { &*e }.0.get(), 1, "failed calls leave the state");
+        assert_eq!(unsafe { shm_enum_set_index(e, 0) }, SHM_OK);
+        assert_eq!(unsafe { &*e }.0.get(), 0);
+        assert_eq!(unsafe { shm_enum_set_index(std::ptr::null(), 0) }, SHM_ERR_ARGUMENT);
+        unsafe {
+            shm_enum_free(e);
+            shm_enum_free(std::ptr::null_mut());
+            shm_info_free(std::ptr::null_mut());
+            shm_summary_free(std::ptr::null_mut());
         }
     }
 }
