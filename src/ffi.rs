@@ -179,6 +179,31 @@ fn put<T>(out: *mut *mut T, v: T) -> Result<(), (c_int, String)> {
     Ok(())
 }
 
+/// Defines a `*_new` function that takes only name, help and labels (counter, summary, info):
+/// registers (or finds) the family with the registry's `$family` and puts the handle of the
+/// series with the label values in `*out`. Its doc comment (with `# Safety`) goes before the name.
+macro_rules! labelled_new {
+    ($(#[$doc:meta])* $fn:ident, $handle:ident, $family:ident) => {
+        $(#[$doc])*
+        #[no_mangle]
+        pub unsafe extern "C" fn $fn(
+            name: *const c_char,
+            help: *const c_char,
+            label_names: *const *const c_char,
+            label_values: *const *const c_char,
+            n_labels: usize,
+            out: *mut *mut $handle,
+        ) -> c_int {
+            guarded(|| {
+                // SAFETY: forwarded from this function's contract.
+                let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
+                let family = registry().$family(s.name, s.help, &s.label_names).map_err(err)?;
+                put(out, $handle(family.with_labels(&s.label_values).map_err(err)?))
+            })
+        }
+    };
+}
+
 /// An opaque counter series (`shm_counter` in the header).
 pub struct ShmCounter(Counter);
 /// An opaque gauge series (`shm_gauge`).
@@ -192,27 +217,16 @@ pub struct ShmInfo(Info);
 /// An opaque enum series (`shm_enum`).
 pub struct ShmEnum(Enum);
 
-/// Registers (or finds) the counter `name` with `n_labels` label names and returns the handle of
-/// the series with these label values.
-///
-/// # Safety
-/// As in `include/shmetrics.h`: strings NUL-terminated, arrays of `n_labels` strings, `out` writable.
-#[no_mangle]
-pub unsafe extern "C" fn shm_counter_new(
-    name: *const c_char,
-    help: *const c_char,
-    label_names: *const *const c_char,
-    label_values: *const *const c_char,
-    n_labels: usize,
-    out: *mut *mut ShmCounter,
-) -> c_int {
-    guarded(|| {
-        // SAFETY: forwarded from this function's contract.
-        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
-        let family = registry().counter_family(s.name, s.help, &s.label_names).map_err(err)?;
-        put(out, ShmCounter(family.with_labels(&s.label_values).map_err(err)?))
-    })
-}
+labelled_new!(
+    /// Registers (or finds) the counter `name` with `n_labels` label names and returns the handle of
+    /// the series with these label values.
+    ///
+    /// # Safety
+    /// As in `include/shmetrics.h`: strings NUL-terminated, arrays of `n_labels` strings, `out` writable.
+    shm_counter_new,
+    ShmCounter,
+    counter_family
+);
 
 /// Adds `v` to a counter.
 ///
@@ -364,27 +378,16 @@ pub unsafe extern "C" fn shm_histogram_free(h: *mut ShmHistogram) {
     unsafe { free(h) }
 }
 
-/// Registers (or finds) the summary `name` (count and sum of observations, no quantiles) and
-/// returns the handle of the series with these label values.
-///
-/// # Safety
-/// As [`shm_counter_new`].
-#[no_mangle]
-pub unsafe extern "C" fn shm_summary_new(
-    name: *const c_char,
-    help: *const c_char,
-    label_names: *const *const c_char,
-    label_values: *const *const c_char,
-    n_labels: usize,
-    out: *mut *mut ShmSummary,
-) -> c_int {
-    guarded(|| {
-        // SAFETY: forwarded from this function's contract.
-        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
-        let family = registry().summary_family(s.name, s.help, &s.label_names).map_err(err)?;
-        put(out, ShmSummary(family.with_labels(&s.label_values).map_err(err)?))
-    })
-}
+labelled_new!(
+    /// Registers (or finds) the summary `name` (count and sum of observations, no quantiles) and
+    /// returns the handle of the series with these label values.
+    ///
+    /// # Safety
+    /// As [`shm_counter_new`].
+    shm_summary_new,
+    ShmSummary,
+    summary_family
+);
 
 /// Records one observation: one more in the count, `v` more in the sum.
 ///
@@ -406,27 +409,16 @@ pub unsafe extern "C" fn shm_summary_free(s: *mut ShmSummary) {
     unsafe { free(s) }
 }
 
-/// Registers (or finds) the info `name` (a trailing `_info` is dropped: the exposition adds it)
-/// and returns the handle of the series with these label values. It shows no sample until set.
-///
-/// # Safety
-/// As [`shm_counter_new`].
-#[no_mangle]
-pub unsafe extern "C" fn shm_info_new(
-    name: *const c_char,
-    help: *const c_char,
-    label_names: *const *const c_char,
-    label_values: *const *const c_char,
-    n_labels: usize,
-    out: *mut *mut ShmInfo,
-) -> c_int {
-    guarded(|| {
-        // SAFETY: forwarded from this function's contract.
-        let s = unsafe { series(name, help, label_names, label_values, n_labels)? };
-        let family = registry().info_family(s.name, s.help, &s.label_names).map_err(err)?;
-        put(out, ShmInfo(family.with_labels(&s.label_values).map_err(err)?))
-    })
-}
+labelled_new!(
+    /// Registers (or finds) the info `name` (a trailing `_info` is dropped: the exposition adds it)
+    /// and returns the handle of the series with these label values. It shows no sample until set.
+    ///
+    /// # Safety
+    /// As [`shm_counter_new`].
+    shm_info_new,
+    ShmInfo,
+    info_family
+);
 
 /// Replaces the info's value with the `n` pairs `keys[i]`=`values[i]`, in this order.
 ///
