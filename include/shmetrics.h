@@ -40,7 +40,9 @@ extern "C" {
 #define SHM_ERR_ARGUMENT 1 /* a required pointer is NULL, or a string is not UTF-8 */
 #define SHM_ERR_INVALID 2  /* bad metric or label name or value, buckets, gauge mode, info key,
                             * enum states, or a state (or index) the enum does not have */
-#define SHM_ERR_LABELS 3   /* label values do not match the metric's label names */
+#define SHM_ERR_LABELS 3   /* label values do not match the metric's label names; reserved: every
+                            * *_new takes names and values with one n_labels, so another label
+                            * set for a registered name is SHM_ERR_CONFLICT */
 #define SHM_ERR_CONFLICT 4 /* the name is registered with another type, help, labels or buckets */
 #define SHM_ERR_INTERNAL 99
 

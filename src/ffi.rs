@@ -39,7 +39,9 @@ pub const SHM_ERR_ARGUMENT: c_int = 1;
 /// An invalid metric name, label name or value, bucket list, gauge mode, info key, enum state
 /// list, or a state an enum does not have.
 pub const SHM_ERR_INVALID: c_int = 2;
-/// The number of label values does not match the metric's label names.
+/// The number of label values does not match the metric's label names. Reserved: every `*_new`
+/// takes label names and values with one count, so another label set for a registered name is
+/// [`SHM_ERR_CONFLICT`].
 pub const SHM_ERR_LABELS: c_int = 3;
 /// The name is already registered with another type, help, labels or buckets.
 pub const SHM_ERR_CONFLICT: c_int = 4;
