@@ -23,6 +23,15 @@
 //!   merge's result instead of starting another, and no more than one merge runs at a time
 //!   (`shmetrics_merges_total` against `shmetrics_scrapes_total` shows the sharing).
 //!
+//! - What the directory does not hold joins every merge here, so `/metrics`, the threshold rules,
+//!   the pushers and the text dir all see the same series: families of [`Source`]s (uWSGI's
+//!   stats server, the pushers' own counters), then the derived metrics ([`crate::derived`]),
+//!   computed on the merged series.
+//! - Consumers that need merged series on their own schedule (pushers, the text dir) take
+//!   [`Job::recent`], which shares the latest merge; with derived metrics configured (their
+//!   collectors run every `freq_seconds`), or when [`Job::merge_every_pass`] is asked, every upkeep
+//!   pass is a merge.
+//!
 //! Nothing here knows about HTTP, the monitor port or alarms: those sit above and read views.
 
 use std::path::PathBuf;
@@ -33,7 +42,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::aggregator::{Aggregator, Exit, Stats};
-use crate::merge::Snapshot;
+use crate::derived;
+use crate::merge::{SnapFamily, Snapshot};
 use crate::procs::{self, ProcStats};
 
 /// What the job looks like, as of one upkeep pass. Cheap to share: readers hold an `Arc`.
@@ -90,6 +100,15 @@ struct LastLook {
 /// A merge result shared by every scrape that waited for it (`None`: the merge failed).
 type Merged = Option<Arc<Snapshot>>;
 
+/// Families that something other than the directory adds to every merge (uWSGI's stats server,
+/// the pushers' own counters). `families` answers from memory — what the source's own task
+/// fetched last — and never blocks: it runs inside every merge.
+pub trait Source: Send + Sync {
+    /// The families to add, each with at least one series; names must not clash with the
+    /// directory's (use a prefix of your own).
+    fn families(&self) -> Vec<SnapFamily>;
+}
+
 /// The job core: the aggregator, the upkeep task, the published view and the exit feeds.
 pub struct Job {
     aggregator: Mutex<Aggregator>,
@@ -106,6 +125,14 @@ pub struct Job {
     /// The last look at `/proc`.
     last_look: Mutex<Option<LastLook>>,
     interval: Duration,
+    /// Families added to every merge.
+    sources: Mutex<Vec<Arc<dyn Source>>>,
+    /// Derived metrics, computed on every merge.
+    derived: Mutex<derived::Engine>,
+    /// The latest merge and when it finished.
+    latest: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    /// Whether every upkeep pass merges (asked by a consumer, see [`Job::merge_every_pass`]).
+    every_pass: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,6 +157,10 @@ impl Job {
             publishing: Mutex::new(()),
             last_look: Mutex::new(None),
             interval,
+            sources: Mutex::new(Vec::new()),
+            derived: Mutex::new(derived::Engine::default()),
+            latest: Mutex::new(None),
+            every_pass: std::sync::atomic::AtomicBool::new(false),
         });
         job.upkeep(true);
         job
@@ -181,10 +212,56 @@ impl Job {
         r
     }
 
-    /// The merged view of every file plus self metrics. Single flight: while a merge runs, every
-    /// scrape that arrives waits for its result; the next scrape after it starts a new one.
+    /// The merged view of every file plus self metrics, sources and derived metrics. Single
+    /// flight: while a merge runs, every scrape that arrives waits for its result; the next
+    /// scrape after it starts a new one. Counted in `shmetrics_scrapes_total`.
     pub async fn scrape(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
         self.scrapes.fetch_add(1, Ordering::Relaxed);
+        self.shared_merge().await
+    }
+
+    /// A merge for the aggregator's own consumers (pushers, the text dir): as [`Job::scrape`],
+    /// but not counted as a scrape.
+    pub async fn merged(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
+        self.shared_merge().await
+    }
+
+    /// The latest merge if it finished less than `max_age` ago, else a new one ([`Job::merged`]).
+    pub async fn recent(self: &Arc<Self>, max_age: Duration) -> Option<Arc<Snapshot>> {
+        let latest = lock(&self.latest).as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, s)| Arc::clone(s));
+        match latest {
+            Some(s) => Some(s),
+            None => self.merged().await,
+        }
+    }
+
+    /// Adds a source of families to every merge from now on.
+    pub fn add_source(&self, source: Arc<dyn Source>) {
+        lock(&self.sources).push(source);
+    }
+
+    /// Replaces the derived metrics (`[[metric]]`); the state of those that stay is kept.
+    pub fn set_derived(&self, specs: Vec<derived::MetricSpec>) {
+        lock(&self.derived).reload(specs);
+    }
+
+    /// A pusher sent the latest values: derived metrics with `reset_after_push` start again.
+    pub fn pushed(&self) {
+        lock(&self.derived).pushed();
+    }
+
+    /// Makes every upkeep pass a merge (a consumer needs merged series every pass: the text dir).
+    pub fn merge_every_pass(&self) {
+        self.every_pass.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether upkeep passes merge: asked for, or derived metrics are configured.
+    fn merging_passes(&self) -> bool {
+        self.every_pass.load(Ordering::Relaxed) || !lock(&self.derived).is_empty()
+    }
+
+    /// One merge shared by every caller that arrives while it runs.
+    async fn shared_merge(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
         let mut rx = {
             let mut flight = lock(&self.flight);
             match &*flight {
@@ -199,6 +276,9 @@ impl Job {
                         let job = Arc::clone(&me);
                         let merged =
                             tokio::task::spawn_blocking(move || job.merge()).await.ok().map(Arc::new);
+                        if let Some(m) = &merged {
+                            *lock(&me.latest) = Some((Instant::now(), Arc::clone(m)));
+                        }
                         // Cleared first: a scrape arriving after this starts a fresh merge.
                         *lock(&me.flight) = None;
                         tx.send_replace(Some(merged));
@@ -213,9 +293,17 @@ impl Job {
 
     /// One merge (blocking), with a look at `/proc` first if one is due: the process families
     /// served with it, and the health checks after it, see the processes of the files it merged.
+    /// Then the sources' families and the derived metrics join it; it becomes the latest.
     fn merge(&self) -> Snapshot {
         let scrapes = self.scrapes.load(Ordering::Relaxed);
-        self.pass(false, Some(scrapes)).unwrap_or_default()
+        let mut snap = self.pass(false, Some(scrapes)).unwrap_or_default();
+        let sources: Vec<Arc<dyn Source>> = lock(&self.sources).clone();
+        for s in sources {
+            snap.families.extend(s.families());
+        }
+        lock(&self.derived).apply(&mut snap, Instant::now());
+        snap.families.sort_by(|a, b| a.meta.desc.name.cmp(&b.meta.desc.name));
+        snap
     }
 
     /// Whether to look at `/proc` now: `asked`, or the last look is [`PROCS_INTERVAL`] old, or a
@@ -323,13 +411,18 @@ impl Job {
     }
 
     /// The upkeep task: a pass at once, then every interval (or at once when [`Job::fresh_view`]
-    /// asks), until aborted.
+    /// asks), until aborted. A pass is a merge when [`Job::merging_passes`] says so (and not
+    /// asked for a look at `/proc`: that pass publishes at once).
     pub async fn run_upkeep(self: Arc<Self>) {
         let mut asked = false;
         loop {
-            let me = Arc::clone(&self);
-            if let Err(e) = tokio::task::spawn_blocking(move || me.upkeep(asked)).await {
-                tracing::error!("upkeep pass failed: {e}");
+            if !asked && self.merging_passes() {
+                let _ = self.merged().await;
+            } else {
+                let me = Arc::clone(&self);
+                if let Err(e) = tokio::task::spawn_blocking(move || me.upkeep(asked)).await {
+                    tracing::error!("upkeep pass failed: {e}");
+                }
             }
             asked = tokio::time::timeout(self.interval, self.wake.notified()).await.is_ok();
         }

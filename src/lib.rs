@@ -113,6 +113,8 @@ pub mod cli;
 #[cfg(feature = "aggregator")]
 pub(crate) mod client;
 #[cfg(feature = "aggregator")]
+pub(crate) mod derived;
+#[cfg(feature = "aggregator")]
 pub(crate) mod dir;
 #[cfg(feature = "aggregator")]
 pub mod expose;
@@ -123,7 +125,11 @@ pub(crate) mod job;
 #[cfg(feature = "aggregator")]
 pub(crate) mod merge;
 #[cfg(feature = "aggregator")]
+pub(crate) mod parsed;
+#[cfg(feature = "aggregator")]
 pub(crate) mod procs;
+#[cfg(feature = "aggregator")]
+pub(crate) mod push;
 #[cfg(feature = "aggregator")]
 pub(crate) mod python;
 #[cfg(feature = "aggregator")]
@@ -135,7 +141,11 @@ pub(crate) mod samples;
 #[cfg(feature = "aggregator")]
 pub mod server;
 #[cfg(feature = "aggregator")]
+pub(crate) mod textdir;
+#[cfg(feature = "aggregator")]
 pub(crate) mod trust;
+#[cfg(feature = "aggregator")]
+pub(crate) mod uwsgi_stats;
 
 pub use error::{Error, Result};
 pub use layout::GaugeMode;

@@ -148,6 +148,9 @@ pub struct Options {
     /// The directory is deliberately shared between users: accept it although another user owns
     /// it or may write to it (see `crate::trust::check_dir`).
     pub shared_dir: bool,
+    /// On a fresh start (no live writer), keep the previous run's counters, histograms and
+    /// summaries (the archive, with dead writers' files folded in) instead of clearing them.
+    pub restore: bool,
 }
 
 /// Follows a directory and produces merged snapshots.

@@ -49,13 +49,17 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::parsed::{one_line, seconds_key};
+pub use crate::parsed::{Seconds, Selector};
 
-/// The whole file.
+/// The whole configuration file (`--config`): the alarm sections, and the sections of the
+/// features that share the file and its SIGHUP reload — `[[metric]]` ([`crate::derived`]),
+/// `[[push]]` ([`crate::push`]) and `[[uwsgi_stats]]` ([`crate::uwsgi_stats`]), whose types live in
+/// their modules.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlarmConfig {
@@ -75,6 +79,15 @@ pub struct AlarmConfig {
     /// Threshold alarms.
     #[serde(default)]
     pub threshold: Vec<ThresholdRule>,
+    /// Derived metrics (uWSGI's `--metric`), computed on the merged view.
+    #[serde(default)]
+    pub metric: Vec<crate::derived::MetricSpec>,
+    /// Stats pushers (uWSGI's `--stats-push`).
+    #[serde(default)]
+    pub push: Vec<crate::push::PushSpec>,
+    /// uWSGI stats servers to poll.
+    #[serde(default)]
+    pub uwsgi_stats: Vec<crate::uwsgi_stats::StatsSpec>,
 }
 
 fn default_check() -> Seconds {
@@ -280,134 +293,6 @@ pub fn parse_size(t: &str) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
 }
 
-/// A duration in the configuration, written as a number of seconds (`60`, `0.5`).
-///
-/// Finite, at least 0 and at most [`Seconds::MAX_SECS`] (one year). TOML accepts `inf`, `nan`,
-/// `-1` and `1e20`, and turning those into a [`Duration`] when a rule is checked would panic the
-/// alarm task (alarms would stop, silently). So the number is parsed into a `Duration` once, when
-/// the file is loaded, and a bad one is a configuration error like any other: the file is refused
-/// (at a reload the old configuration stays in force), with a message naming the key and saying
-/// what is allowed. Rules and actions only ever see `Duration`s.
-///
-/// Every seconds field of `AlarmConfig` is read through `seconds_key!`, which adds the key to
-/// the message (toml cannot point at keys inside `[actions.*]`: their sections are buffered for
-/// the `type` tag) and, for the fields that must be more than 0, refuses 0.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[serde(try_from = "f64")]
-pub struct Seconds(Duration);
-
-impl Seconds {
-    /// The largest number of seconds accepted: one year (365 days). A longer window, timeout or
-    /// grace period is a mistake; the bound also keeps `Instant + Duration` far from overflowing.
-    pub const MAX_SECS: u64 = 365 * 86_400;
-
-    /// The largest value.
-    pub const MAX: Seconds = Seconds(Duration::from_secs(Seconds::MAX_SECS));
-
-    /// Whole seconds (more than [`Seconds::MAX_SECS`] is taken as the maximum).
-    pub const fn from_secs(secs: u64) -> Seconds {
-        if secs > Seconds::MAX_SECS {
-            Seconds::MAX
-        } else {
-            Seconds(Duration::from_secs(secs))
-        }
-    }
-
-    /// Parses a number of seconds, at least 0 (or, with `positive`, more than 0) and at most
-    /// [`Seconds::MAX_SECS`]; the error shows the number and says what is allowed.
-    pub fn new(secs: f64, positive: bool) -> std::result::Result<Seconds, String> {
-        let in_range = secs.is_finite() && secs <= Seconds::MAX_SECS as f64;
-        let ok = in_range && if positive { secs > 0.0 } else { secs >= 0.0 };
-        match Duration::try_from_secs_f64(secs) {
-            Ok(d) if ok && !(positive && d.is_zero()) => Ok(Seconds(d)),
-            _ => Err(format!("{} is not allowed: {}", toml_float(secs), Seconds::allowed(positive))),
-        }
-    }
-
-    /// What [`Seconds::new`] accepts, in words.
-    pub fn allowed(positive: bool) -> String {
-        let range = if positive { "more than 0 and at most" } else { "from 0 to" };
-        format!("write a number of seconds {range} {} (one year)", Seconds::MAX_SECS)
-    }
-
-    /// Parses a command-line option: a number of seconds more than 0 and at most
-    /// [`Seconds::MAX_SECS`].
-    pub fn parse_positive(text: &str) -> std::result::Result<Duration, String> {
-        let secs = text.trim().parse::<f64>().map_err(|_| Seconds::allowed(true))?;
-        Seconds::new(secs, true).map(Seconds::get)
-    }
-
-    /// The duration.
-    pub fn get(self) -> Duration {
-        self.0
-    }
-
-    /// Whether it is 0.
-    pub fn is_zero(self) -> bool {
-        self.0.is_zero()
-    }
-}
-
-impl TryFrom<f64> for Seconds {
-    type Error = String;
-    fn try_from(secs: f64) -> std::result::Result<Seconds, String> {
-        Seconds::new(secs, false)
-    }
-}
-
-/// As written in the configuration: `60`, `0.5`.
-impl std::fmt::Display for Seconds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0.as_secs_f64())
-    }
-}
-
-/// A float as TOML writes it (`nan`, `inf`, `-inf`, `1e20`).
-fn toml_float(x: f64) -> String {
-    if x.is_nan() {
-        "nan".into()
-    } else if x.is_infinite() {
-        if x > 0.0 { "inf" } else { "-inf" }.into()
-    } else {
-        format!("{x:?}").replace(".0e", "e").trim_end_matches(".0").to_string()
-    }
-}
-
-/// Defines `fn $key(deserializer)`, reading the key `$key` as [`Seconds`] (`positive`: more than
-/// 0) with an error that names the key; `opt` makes it an `Option<Seconds>` (used with
-/// `#[serde(default)]`).
-macro_rules! seconds_key {
-    ($key:ident, $positive:expr) => {
-        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Seconds, D::Error> {
-            read_seconds(d, stringify!($key), $positive)
-        }
-    };
-    ($key:ident, $positive:expr, opt) => {
-        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Seconds>, D::Error> {
-            read_seconds(d, stringify!($key), $positive).map(Some)
-        }
-    };
-}
-
-/// Reads a number (integer or float) as [`Seconds`]; anything else, or a number out of range, is
-/// an error naming `key` and saying what is allowed.
-fn read_seconds<'de, D: serde::Deserializer<'de>>(
-    d: D,
-    key: &str,
-    positive: bool,
-) -> std::result::Result<Seconds, D::Error> {
-    let err = |what: String| serde::de::Error::custom(format!("{key} = {what}"));
-    let secs = match toml::Value::deserialize(d)? {
-        toml::Value::Float(x) => x,
-        toml::Value::Integer(n) => n as f64,
-        other => {
-            let (t, n) = (other.type_str(), Seconds::allowed(positive));
-            return Err(err(format!("{other} is not allowed (a {t}): {n}")));
-        }
-    };
-    Seconds::new(secs, positive).map_err(err)
-}
-
 seconds_key!(check_interval_seconds, true);
 seconds_key!(batch_seconds, false);
 seconds_key!(timeout_seconds, true);
@@ -516,21 +401,6 @@ impl AlarmConfig {
     }
 }
 
-/// A TOML error on one line (`line 2, column 18: …`), for the log: toml's own rendering spans
-/// several lines.
-fn one_line(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {msg}")
-        }
-        None => msg,
-    }
-}
-
 /// Parses a signal name (`SIGTERM`, `TERM`, `sigterm`).
 pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
     let up = s.trim().to_ascii_uppercase();
@@ -552,57 +422,10 @@ impl TryFrom<String> for SignalName {
     }
 }
 
-/// A series selector: `name` or `name{label="value",…}`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Selector {
-    /// Sample name as exposed.
-    pub name: String,
-    /// Labels that must match.
-    pub labels: Vec<(String, String)>,
-}
-
-impl TryFrom<String> for Selector {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Selector, String> {
-        Selector::parse(&s).ok_or_else(|| format!("series {s:?}: write name or name{{label=\"value\"}}"))
-    }
-}
-
-impl Selector {
-    /// Parses a selector.
-    pub fn parse(s: &str) -> Option<Selector> {
-        let s = s.trim();
-        let (name, rest) = match s.find('{') {
-            Some(i) => (&s[..i], Some(&s[i + 1..])),
-            None => (s, None),
-        };
-        if !crate::layout::valid_metric_name(name) {
-            return None;
-        }
-        let mut labels = Vec::new();
-        if let Some(rest) = rest {
-            let inner = rest.strip_suffix('}')?;
-            for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = part.split_once('=')?;
-                let v = v.trim().strip_prefix('"')?.strip_suffix('"')?;
-                labels.push((k.trim().to_string(), v.to_string()));
-            }
-        }
-        Some(Selector { name: name.to_string(), labels })
-    }
-}
-
-impl Selector {
-    /// Whether a sample (name and labels) matches.
-    pub fn matches(&self, name: &str, labels: &[(String, String)]) -> bool {
-        self.name == name && self.labels.iter().all(|l| labels.contains(l))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn signals_and_selectors_are_parsed_once_at_load() {

@@ -22,8 +22,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[cfg(test)]
-use super::config::Selector;
 use super::config::{AlarmConfig, Measure, Op, Scope};
 use super::{Event, EventKind, Pipeline};
 use crate::aggregator::Exit;
@@ -267,20 +265,3 @@ pub async fn run(job: Arc<Job>, pipeline: Arc<Pipeline>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selectors() {
-        let s = Selector::parse(r#"http_requests_total{code="500", method="GET"}"#).expect("selector");
-        assert_eq!(s.name, "http_requests_total");
-        let l =
-            |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
-        assert!(s.matches("http_requests_total", &l(&[("code", "500"), ("method", "GET"), ("path", "/")])));
-        assert!(!s.matches("http_requests_total", &l(&[("code", "200"), ("method", "GET")])));
-        assert!(Selector::parse("bad name").is_none());
-        assert!(Selector::parse("x{a=b}").is_none());
-        assert_eq!(Selector::parse("up").map(|s| s.labels.len()), Some(0));
-    }
-}

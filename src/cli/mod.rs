@@ -57,9 +57,19 @@ struct AggregatorArgs {
     /// Ready workers needed for the health check to say OK.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
-    /// Alarm configuration (TOML; see conf/shmetrics.toml). Reloaded on SIGHUP.
+    /// Configuration file (TOML; see conf/shmetrics.toml): alarms, derived metrics ([[metric]]),
+    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]). Reloaded on SIGHUP; a bad
+    /// file is refused and the configuration in force kept.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Keep one file per merged series in DIR, holding its current value, refreshed every second
+    /// (uWSGI's --metrics-dir; file names in the README).
+    #[arg(long, value_name = "DIR")]
+    text_dir: Option<PathBuf>,
+    /// On a fresh start of the job (no live worker), counters, histograms and summaries continue
+    /// from the previous run's totals instead of starting at 0 (uWSGI's --metrics-dir-restore).
+    #[arg(long, conflicts_with = "wipe")]
+    restore: bool,
     /// URL to GET once at start (retried until it answers 2xx); health says "Warmup in progress"
     /// until then. Disabled by SHMETRICS_AUTOWARMUP=0.
     #[arg(long)]
@@ -153,6 +163,7 @@ impl AggregatorArgs {
             keep: self.keep,
             compact_python: self.compact_python,
             shared_dir: self.shared_dir,
+            restore: self.restore,
         }
     }
 
@@ -204,6 +215,8 @@ struct Servers {
     stop: tokio::sync::watch::Sender<bool>,
     job: std::sync::Arc<crate::job::Job>,
     alarms: Option<std::sync::Arc<crate::alarm::Pipeline>>,
+    pushers: std::sync::Arc<crate::push::Pushers>,
+    uwsgi: std::sync::Arc<crate::uwsgi_stats::Pollers>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -220,14 +233,13 @@ impl Servers {
         let mon = listen(mon_addr).with_context(|| {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
-        let alarms = match &args.config {
-            Some(path) => {
-                let config = crate::alarm::AlarmConfig::load(path)?;
-                Some(crate::alarm::Pipeline::start(config))
-            }
-            None => None,
-        };
+        let config = args.config.as_deref().map(crate::alarm::AlarmConfig::load).transpose()?;
         let job = crate::job::Job::new(agg, args.upkeep());
+        let sections = config.clone().unwrap_or_default();
+        job.set_derived(sections.metric.clone());
+        let pushers = crate::push::Pushers::start(&job, &sections.push);
+        let uwsgi = crate::uwsgi_stats::Pollers::start(&job, &sections.uwsgi_stats);
+        let alarms = config.map(crate::alarm::Pipeline::start);
         let process_metrics = match args.process_metrics {
             ProcessMetricsArg::All => crate::report::ProcessMetrics::All,
             ProcessMetricsArg::Job => crate::report::ProcessMetrics::Job,
@@ -249,17 +261,25 @@ impl Servers {
         if let Some(p) = &alarms {
             background.push(tokio::spawn(crate::alarm::rules::run(job.clone(), p.clone())));
         }
-        Ok(Servers { http_addr, stop, job, tasks, background, alarms, config: args.config.clone() })
+        if let Some(dir) = &args.text_dir {
+            background.push(tokio::spawn(crate::textdir::run(job.clone(), dir.clone())));
+        }
+        let config = args.config.clone();
+        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, config })
     }
 
-    /// Reloads the alarm configuration (SIGHUP). A bad file is refused with an error in the log,
-    /// and the configuration in force is kept; rule state and pending alarms are kept either way.
+    /// Reloads the configuration file (SIGHUP). A bad file is refused with an error in the log,
+    /// and the configuration in force is kept; rule state, pending alarms, derived metrics'
+    /// values and pushers' deltas are kept either way.
     fn reload(&self) {
         let (Some(p), Some(path)) = (&self.alarms, &self.config) else { return };
         match crate::alarm::AlarmConfig::load(path) {
             Ok(c) => {
+                self.job.set_derived(c.metric.clone());
+                self.pushers.reload(&c.push);
+                self.uwsgi.reload(&c.uwsgi_stats);
                 p.reload(c);
-                tracing::info!(config = %path.display(), "alarm configuration reloaded");
+                tracing::info!(config = %path.display(), "configuration reloaded");
             }
             Err(e) => tracing::error!("{e}; keeping the configuration in force"),
         }
@@ -271,6 +291,8 @@ impl Servers {
             // Deliver what is batched, but do not hang shutdown on a stuck action.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), p.flush()).await;
         }
+        // The last values go out before we exit (bounded: a receiver that is down does not hang us).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.pushers.shutdown()).await;
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
