@@ -39,6 +39,12 @@ impl Engine {
     /// Collects the metrics that are due at `now` and adds every derived family to `snap`.
     pub fn apply(&mut self, _snap: &mut Snapshot, _now: Instant) {}
 
+    /// Names of the families of `type = "absolute"` metrics (uWSGI's type 2, for the socket
+    /// pusher; they are exposed as gauges).
+    pub fn absolute_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// A push went out: metrics with `reset_after_push` go back to their initial value.
     pub fn pushed(&mut self) {}
 }

@@ -250,6 +250,11 @@ impl Job {
         lock(&self.derived).pushed();
     }
 
+    /// Names of the derived families of uWSGI's type `absolute` (see [`derived::Engine::absolute_names`]).
+    pub fn derived_absolute(&self) -> Vec<String> {
+        lock(&self.derived).absolute_names()
+    }
+
     /// Makes every upkeep pass a merge (a consumer needs merged series every pass: the text dir).
     pub fn merge_every_pass(&self) {
         self.every_pass.store(true, Ordering::Relaxed);
