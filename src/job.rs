@@ -228,7 +228,8 @@ impl Job {
 
     /// The latest merge if it finished less than `max_age` ago, else a new one ([`Job::merged`]).
     pub async fn recent(self: &Arc<Self>, max_age: Duration) -> Option<Arc<Snapshot>> {
-        let latest = lock(&self.latest).as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, s)| Arc::clone(s));
+        let latest =
+            lock(&self.latest).as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, s)| Arc::clone(s));
         match latest {
             Some(s) => Some(s),
             None => self.merged().await,
@@ -487,5 +488,69 @@ mod tests {
         assert_eq!(job.with(|a| a.stats().merges), merges + 1);
         let scraped = snap.family("shmetrics_scrapes").expect("scrapes family");
         assert_eq!(scraped.series[0].1, crate::merge::Value::U64(51));
+    }
+
+    struct Fixed;
+
+    impl Source for Fixed {
+        fn families(&self) -> Vec<SnapFamily> {
+            use crate::layout::{MetricType, ValueType};
+            let meta = crate::merge::FamilyMeta::own(
+                "aaa_source",
+                "From a source.",
+                MetricType::Gauge,
+                ValueType::F64,
+                &[],
+            );
+            vec![SnapFamily { meta, series: vec![(Arc::default(), crate::merge::Value::F64(7.0))] }]
+        }
+    }
+
+    #[tokio::test]
+    async fn sources_join_every_merge_in_name_order_and_own_merges_are_not_scrapes() {
+        let (_tmp, job) = job();
+        job.add_source(Arc::new(Fixed));
+        let snap = job.merged().await.expect("snapshot");
+        assert_eq!(job.scrapes(), 0, "a merge of the aggregator's own is not a scrape");
+        let names: Vec<&str> = snap.families.iter().map(|f| f.meta.desc.name.as_str()).collect();
+        assert_eq!(names.first(), Some(&"aaa_source"), "{names:?}");
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted);
+        assert_eq!(snap.family("aaa_source").expect("source").series[0].1, crate::merge::Value::F64(7.0));
+        // The latest merge is shared while it is young enough; an old one is merged again.
+        let again = job.recent(Duration::from_secs(3600)).await.expect("recent");
+        assert!(Arc::ptr_eq(&snap, &again));
+        let merges = job.with(|a| a.stats().merges);
+        let fresh = job.recent(Duration::ZERO).await.expect("fresh");
+        assert!(!Arc::ptr_eq(&snap, &fresh));
+        assert_eq!(job.with(|a| a.stats().merges), merges + 1);
+        // A scrape is counted, and sees the source too.
+        let scraped = job.scrape().await.expect("scrape");
+        assert_eq!(job.scrapes(), 1);
+        assert!(scraped.family("aaa_source").is_some());
+    }
+
+    #[tokio::test]
+    async fn upkeep_passes_merge_when_a_consumer_asks() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let agg = Aggregator::open(&tmp.path().join("m"), &Options::default()).expect("open");
+        let job = Job::new(agg, Duration::from_millis(10));
+        let before = job.with(|a| a.stats().merges);
+        let upkeep = tokio::spawn(Arc::clone(&job).run_upkeep());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(job.with(|a| a.stats().merges), before, "plain upkeep passes do not merge");
+        job.merge_every_pass();
+        let mut merges = before;
+        for _ in 0..500 {
+            merges = job.with(|a| a.stats().merges);
+            if merges >= before + 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        upkeep.abort();
+        assert!(merges >= before + 3, "{merges}");
+        assert!(lock(&job.latest).is_some());
     }
 }
