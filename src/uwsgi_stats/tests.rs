@@ -2,15 +2,26 @@
 //! values, bad replies, and polls against sockets on 127.0.0.1 and unix sockets.
 
 use super::*;
-use crate::alarm::AlarmConfig;
 use tokio::io::AsyncWriteExt;
+
+/// The `[[uwsgi_stats]]` sections of a configuration file, read as `AlarmConfig::parse` reads
+/// them (`crate::alarm` is above this module; `tests/it/uwsgi_stats.rs` checks the real file).
+fn sections(text: &str) -> Result<Vec<StatsSpec>, String> {
+    #[derive(Deserialize)]
+    struct File {
+        uwsgi_stats: Vec<StatsSpec>,
+    }
+    let f: File = toml::from_str(text).map_err(|e| crate::parsed::one_line(text, &e))?;
+    check(&f.uwsgi_stats)?;
+    Ok(f.uwsgi_stats)
+}
 
 /// `stats = 127.0.0.1:…` of Debian's uWSGI 2.0.21 (`--master --processes 2 --memory-report`),
 /// after 5 requests: worker 1 served 1, worker 2 served 4.
 const FIXTURE: &[u8] = include_bytes!("../../tests/data/uwsgi-2.0.21-stats.json");
 
 fn spec(text: &str) -> Result<StatsSpec, String> {
-    AlarmConfig::parse(text).map(|c| c.uwsgi_stats[0].clone()).map_err(|e| e.to_string())
+    sections(text).map(|mut s| s.remove(0))
 }
 
 fn value(series: &Series, name: &str, label: Option<(&str, &str)>) -> Option<Value> {
@@ -81,10 +92,10 @@ fn bad_sections_are_refused_naming_the_key() {
     assert!(e.contains("address"), "{e}");
     // Two sections with one label: the second names itself after the first's address.
     let two = "[[uwsgi_stats]]\naddress = \"127.0.0.1:1\"\n[[uwsgi_stats]]\naddress = \"127.0.0.1:2\"\nname = \"127.0.0.1:1\"\n";
-    let e = AlarmConfig::parse(two).expect_err("duplicate").to_string();
+    let e = sections(two).expect_err("duplicate");
     assert!(e.contains("two sections are named \"127.0.0.1:1\""), "{e}");
     let ok = two.replace("name = \"127.0.0.1:1\"", "name = \"b\"");
-    assert_eq!(AlarmConfig::parse(&ok).expect("distinct").uwsgi_stats.len(), 2);
+    assert_eq!(sections(&ok).expect("distinct").len(), 2);
 }
 
 #[test]

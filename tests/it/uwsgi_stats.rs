@@ -340,3 +340,85 @@ fn hostile_stats_servers_never_hang_a_scrape_and_are_counted() {
     // Scrapes keep answering while all of them fail.
     util::scrape(served.addr);
 }
+
+/// `shmetrics serve --config FILE` that must refuse to start: its exit status and stderr.
+fn refused_at_start(tmp: &Path, config: &str) -> (Option<i32>, String) {
+    let path = tmp.join("bad.toml");
+    std::fs::write(&path, config).expect("config");
+    let out = Command::new(util::shmetrics_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--monitor", "127.0.0.1:0", "--dir"])
+        .arg(tmp.join("m-bad"))
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shmetrics");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn uwsgi_stats_sections_are_checked_at_start_and_reloaded_on_sighup() {
+    use nix::sys::signal::Signal;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (code, err) = refused_at_start(tmp.path(), "[[uwsgi_stats]]\naddress = \"localhost\"\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("address = \"localhost\": write host:port"), "{err}");
+    let (code, err) =
+        refused_at_start(tmp.path(), "[[uwsgi_stats]]\naddress = \"127.0.0.1:1\"\nfreq_seconds = 0\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("freq_seconds = 0 is not allowed"), "{err}");
+
+    // A stats server answering with the reply recorded from uWSGI 2.0.21 (2 workers: 1 + 4
+    // requests).
+    let recorded = Hostile::start(|mut s| {
+        let _ = s.write_all(include_bytes!("../data/uwsgi-2.0.21-stats.json"));
+    });
+    let section = |name: &str| {
+        format!("[[uwsgi_stats]]\naddress = \"{}\"\nname = \"{name}\"\nfreq_seconds = 0.1\n", recorded.addr)
+    };
+    let served = serve(tmp.path(), &section("a"));
+    let config = tmp.path().join("shmetrics.toml");
+    let scrape = || util::samples(&util::scrape(served.addr));
+    let s = util::wait_for(T, "a polled", || {
+        let s = scrape();
+        (sum(&s, "uwsgi_up", "a") == Some(1.0)).then_some(s)
+    });
+    assert_eq!(sum(&s, "uwsgi_worker_requests_total", "a"), Some(5.0));
+    assert_eq!(s.get("uwsgi_worker_requests_total{stats=\"a\",worker_id=\"2\"}"), Some(&4.0));
+    assert_eq!(
+        s.get("uwsgi_worker_average_response_time_seconds{stats=\"a\",worker_id=\"1\"}"),
+        Some(&0.000547)
+    );
+    let polls_before = sum(&s, "shmetrics_uwsgi_stats_polls_total", "a").expect("polls");
+
+    // A bad file (two sections labelled "a") is refused; the old configuration stays.
+    std::fs::write(&config, [section("a"), section("a")].join("\n")).expect("config");
+    served.proc.signal(Signal::SIGHUP);
+    let line = util::wait_for(T, "the refusal in the log", || {
+        let log = std::fs::read_to_string(&served.log).ok()?;
+        log.lines().find(|l| l.contains("keeping the configuration in force")).map(str::to_string)
+    });
+    assert!(line.contains("two sections are named \"a\""), "{line}");
+
+    // A good file adds "b": "a" keeps its poller (its counters never go back).
+    std::fs::write(&config, [section("a"), section("b")].join("\n")).expect("config");
+    served.proc.signal(Signal::SIGHUP);
+    let s = util::wait_for(T, "b polled", || {
+        let s = scrape();
+        (sum(&s, "uwsgi_up", "b") == Some(1.0)).then_some(s)
+    });
+    let polls = sum(&s, "shmetrics_uwsgi_stats_polls_total", "a").expect("polls");
+    assert!(polls >= polls_before, "a's polls went back from {polls_before} to {polls}");
+    assert_eq!(sum(&s, "uwsgi_worker_requests_total", "b"), Some(5.0));
+    assert_eq!(sum(&s, "uwsgi_worker_requests_total", "a"), Some(5.0));
+
+    // "a" removed: its series go, "b" stays.
+    std::fs::write(&config, section("b")).expect("config");
+    served.proc.signal(Signal::SIGHUP);
+    let s = util::wait_for(T, "a gone", || {
+        let s = scrape();
+        (sum(&s, "shmetrics_uwsgi_stats_polls_total", "a").is_none()).then_some(s)
+    });
+    assert_eq!(sum(&s, "uwsgi_up", "a"), None);
+    assert_eq!(sum(&s, "uwsgi_up", "b"), Some(1.0));
+}
