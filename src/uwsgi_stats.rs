@@ -27,6 +27,8 @@
 //!   removes every other series of that server, as uwsgi_exporter does: the last good values are
 //!   not served as if they were current (a worker's `uwsgi_worker_busy` of an hour ago is a lie
 //!   now). Counters of uWSGI's start again from uWSGI's own values when it answers again.
+//!   Before a server's first poll has ended it has no `uwsgi_up` at all (not a false 0); its
+//!   `shmetrics_uwsgi_stats_polls_total` and `_errors_total` are there from the start.
 //! - A host name is resolved on tokio's blocking pool, which the scrapes share: at most one look-up
 //!   per poller is in flight, so a resolver that hangs costs one thread, not one per poll.
 //!
