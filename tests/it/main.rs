@@ -22,4 +22,5 @@ mod robustness;
 mod run_cmd;
 mod supervisor;
 mod typed_metrics;
+mod uwsgi_stats;
 mod workers;
