@@ -89,6 +89,8 @@ pub struct MetricSpec {
     /// The exposed name: a collected counter's family name (without `_total`), else the name as
     /// written.
     pub name: String,
+    /// The name as written (in messages and the problems' `metric` label).
+    pub(crate) written: String,
     /// Help text (`help`, or a description of what the metric computes).
     pub(crate) help: String,
     /// What it computes.
@@ -251,7 +253,7 @@ impl TryFrom<RawSpec> for MetricSpec {
             };
             let alias = child("alias", &text)?;
             let help = r.help.unwrap_or_else(|| format!("Alias of {} ([[metric]]).", alias.text));
-            return Ok(MetricSpec { name: r.name, help, what: What::Alias(alias) });
+            return Ok(MetricSpec { written: r.name.clone(), name: r.name, help, what: What::Alias(alias) });
         };
         if r.alias.is_some() {
             return bad("alias = \"…\" needs type = \"alias\" (remove alias, or set the type)".into());
@@ -333,11 +335,12 @@ impl TryFrom<RawSpec> for MetricSpec {
         };
         let name = match kind {
             Kind::Counter => counter_name(&r.name).to_string(),
-            _ => r.name,
+            _ => r.name.clone(),
         };
         let help = r.help.unwrap_or_else(|| describe(&collector));
         Ok(MetricSpec {
             name,
+            written: r.name,
             help,
             what: What::Collected(Collected {
                 kind,
@@ -404,21 +407,21 @@ pub(crate) fn check(specs: &[MetricSpec]) -> Result<(), String> {
         if let Some(before) = specs[..i].iter().find(|b| b.names().iter().any(|n| mine.contains(n))) {
             return Err(format!(
                 "[[metric]] {:?}: name clashes with [[metric]] {:?} before it: give each metric its own name",
-                s.name, before.name
+                s.written, before.written
             ));
         }
         for c in s.selectors() {
             if let Some(later) = specs[i..].iter().find(|l| l.names().contains(&c.sel.name)) {
                 let key = if matches!(s.what, What::Alias(_)) { "alias" } else { "children" };
-                let whom = if later.name == s.name {
+                let whom = if later.written == s.written {
                     "itself".to_string()
                 } else {
-                    format!("[[metric]] {:?}, defined after it", later.name)
+                    format!("[[metric]] {:?}, defined after it", later.written)
                 };
                 return Err(format!(
                     "[[metric]] {:?}: {key} has {:?}, which is {whom}: a derived metric can read only \
                      the [[metric]] sections before it in the file",
-                    s.name, c.text
+                    s.written, c.text
                 ));
             }
         }
@@ -551,10 +554,10 @@ impl Metric {
     fn report(&mut self, p: Problem, detail: &str) {
         if self.logged.insert(p) {
             tracing::warn!(
-                metric = %self.spec.name,
+                metric = %self.spec.written,
                 problem = p.as_str(),
                 "derived metric {}: {detail} (logged once; {PROBLEMS} shows it while it lasts)",
-                self.spec.name
+                self.spec.written
             );
         }
     }
@@ -789,8 +792,8 @@ impl Engine {
             }
             for (p, detail) in &now_problems {
                 m.report(*p, detail);
-                if !problems.iter().any(|(n, q)| *n == m.spec.name && q == p) {
-                    problems.push((m.spec.name.clone(), *p));
+                if !problems.iter().any(|(n, q)| *n == m.spec.written && q == p) {
+                    problems.push((m.spec.written.clone(), *p));
                 }
             }
         }
@@ -1022,6 +1025,14 @@ mod tests {
     }
 
     #[test]
+    fn problems_name_the_metric_as_written() {
+        let mut e = engine("[[metric]]\nname = \"errs_total\"\ncollector = \"sum\"\nchildren = [\"nope\"]\n");
+        let got = run(&mut e, merged(0, 0, 0.0, 0.0), Instant::now());
+        assert_eq!(got["errs_total"], 0.0);
+        assert_eq!(got[r#"shmetrics_derived_problems{metric="errs_total",problem="no_match"}"#], 1.0);
+    }
+
+    #[test]
     fn not_finite_values_are_left_out() {
         let mut e = engine(
             "[[metric]]\nname = \"s\"\ntype = \"gauge\"\ncollector = \"sum\"\nchildren = [\"a\", \"b\"]\n",
@@ -1227,7 +1238,7 @@ mod tests {
             (format!("name = \"shmetrics_mine\"\n{sum}"),
              "[[metric]] \"shmetrics_mine\": name = \"shmetrics_mine\": names starting with shmetrics_ are the aggregator's own; pick another"),
             (format!("name = \"x\"\n{sum}[[metric]]\nname = \"x_total\"\n{sum}"),
-             "[[metric]] \"x\": name clashes with [[metric]] \"x\" before it: give each metric its own name"),
+             "[[metric]] \"x_total\": name clashes with [[metric]] \"x\" before it: give each metric its own name"),
             (format!("name = \"x\"\ntype = \"gauge\"\n{sum}[[metric]]\nname = \"x\"\ntype = \"alias\"\nalias = \"b\"\n"),
              "[[metric]] \"x\": name clashes with [[metric]] \"x\" before it: give each metric its own name"),
             ("name = \"x\"\ntype = \"gauge\"\ncollector = \"sum\"\nchildren = [\"y\"]\n[[metric]]\nname = \"y\"\ntype = \"gauge\"\ncollector = \"sum\"\nchildren = [\"a\"]\n".into(),
