@@ -35,12 +35,22 @@ pub struct DumpArgs {
     /// Accept a directory owned by another user or writable by others (see `serve --help`).
     #[arg(long)]
     shared_dir: bool,
+    /// Configuration file (as `serve --config`): its derived metrics ([[metric]]) are computed
+    /// once on this snapshot and printed with it (an accumulator shows one round).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
+    // The configuration first: a bad file is an error before the directory is read.
+    let config = args.config.as_deref().map(crate::alarm::AlarmConfig::load).transpose()?;
     let opts = Options { read_only: true, shared_dir: args.shared_dir, ..Options::default() };
     let mut agg = Aggregator::open(&args.dir, &opts)?;
-    let snap = agg.scrape();
+    let mut snap = agg.scrape();
+    if let Some(c) = config {
+        crate::derived::Engine::new(c.metric).apply(&mut snap, std::time::Instant::now());
+        snap.families.sort_by(|a, b| a.meta.desc.name.cmp(&b.meta.desc.name));
+    }
     let out = match args.format {
         DumpFormat::Prometheus => expose::encode(&snap, Format::Prometheus),
         DumpFormat::Openmetrics => expose::encode(&snap, Format::OpenMetrics),

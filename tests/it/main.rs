@@ -6,6 +6,7 @@ mod alarm_actions;
 mod alarms;
 mod c_abi;
 mod demo;
+mod derived;
 mod dir_rules;
 mod formats;
 mod full_disk;
