@@ -567,7 +567,7 @@ impl TextDir {
 }
 
 /// Keeps the text dir in step with the job's merged series, once a second, until aborted.
-pub async fn run(job: Arc<Job>, dir: TextDir) {
+pub(crate) async fn run(job: Arc<Job>, dir: TextDir) {
     job.merge_every_pass();
     job.add_source(Arc::clone(&dir.writer.stats) as Arc<dyn Source>);
     tracing::info!(dir = %dir.dir().display(), "text dir: one file per series, refreshed every second");

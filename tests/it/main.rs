@@ -21,5 +21,6 @@ mod python_servers;
 mod robustness;
 mod run_cmd;
 mod supervisor;
+mod text_dir;
 mod typed_metrics;
 mod workers;
