@@ -362,3 +362,86 @@ fn run_restore_without_dir_is_an_error() {
     let e = refused(&["run", "--restore", "--listen", "127.0.0.1:0", "--", "true"]);
     assert!(e.contains("--restore needs --dir"), "{e}");
 }
+
+/// A small tmpfs, unmounted on drop (as `full_disk`'s: root may mount; without the permission,
+/// `SHMETRICS_TEST_NO_MOUNT=1` skips the test, saying so).
+struct Tmpfs {
+    _root: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(test: &str) -> Option<Tmpfs> {
+        let root = tmp();
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
+            .arg(&mnt)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs { _root: root, mnt }),
+            Ok(o) => format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        if std::env::var("SHMETRICS_TEST_NO_MOUNT").as_deref() == Ok("1") {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (SHMETRICS_TEST_NO_MOUNT=1)");
+            return None;
+        }
+        panic!("{test} needs a small tmpfs: {why}. Run the tests as root, or set SHMETRICS_TEST_NO_MOUNT=1 to skip it");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Fills the file system of `path` with a new file until `ENOSPC`.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create_new(path).expect("filler");
+    let chunk = vec![0xa5u8; 4096];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_keeps_the_old_values_counts_and_recovers() {
+    let Some(fs) = Tmpfs::mount("a_full_disk_keeps_the_old_values_counts_and_recovers") else { return };
+    let tmp = tmp();
+    let (dir, text) = (tmp.path().join("m"), fs.mnt.join("text"));
+    let served = util::serve(&dir, &["--text-dir", p(&text)]);
+    wait_content(&text, "shmetrics_text_dir_errors_total", "0\n");
+    let before = read(&text, "shmetrics_merges_total").expect("merges file");
+    fill(&fs.mnt.join("filler"));
+    // Every refresh has something to write (the merges count grows): every write fails.
+    let mut w = util::workload(&dir, &["--workers", "1", "--series", "1"]);
+    wait_exit(&mut w);
+    util::wait_for(T, "write errors to be counted", || {
+        (scrape(&served)["shmetrics_text_dir_errors_total"] >= 3.0).then_some(())
+    });
+    // The old values stay, whole; the new series has no file yet.
+    assert_eq!(read(&text, "shmetrics_text_dir_errors_total").as_deref(), Some("0\n"));
+    assert_eq!(read(&text, "shmetrics_merges_total"), Some(before));
+    assert!(read(&text, "wl_requests_total,route=%2Fr0").is_none());
+    // Logged once (at most once a minute), not at every failure.
+    let log = std::fs::read_to_string(&served.log).expect("log");
+    assert_eq!(log.lines().filter(|l| l.contains("text dir: cannot write")).count(), 1, "{log}");
+    // Room again: everything is written at the next refresh.
+    std::fs::remove_file(fs.mnt.join("filler")).expect("free");
+    wait_content(&text, "wl_requests_total,route=%2Fr0", "1\n");
+    util::wait_for(T, "the errors count in its file", || {
+        let n: f64 = read(&text, "shmetrics_text_dir_errors_total")?.trim_end().parse().ok()?;
+        (n >= 3.0).then_some(())
+    });
+    stop(served);
+}
