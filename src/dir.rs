@@ -6,6 +6,13 @@
 //! starting afresh: files of the previous run (dead writers' files, temp files, the archive) are
 //! removed and totals start from zero. `--wipe` removes everything of ours regardless.
 //!
+//! With `--restore` (uWSGI's `--metrics-dir-restore`), a fresh start keeps what the previous
+//! run's counters, histograms and summaries need: the dead writers' files, the archive and the
+//! Python counter, histogram and summary files stay (the aggregator then folds the writers' files
+//! into the archive, as if those workers had just died, and drops the gauges from it; see
+//! `Aggregator::open`); Python gauge files, which hold nothing that survives a fresh start, and
+//! temporaries go as on any fresh start.
+//!
 //! Either way the aggregator **never deletes what it does not understand**: a file is removed only
 //! when it is a regular file of a trusted owner ([`crate::trust`]) that it recognises by name *and*
 //! content — a writer file whose header has our magic and format version and matches its name, a
@@ -40,6 +47,9 @@ pub const TEMP_GRACE: Duration = Duration::from_secs(10);
 pub enum Startup {
     /// No live writer: the previous run's files were removed.
     Fresh,
+    /// No live writer, `--restore`: the previous run's files that hold counters, histograms and
+    /// summaries were kept, to be folded into the archive.
+    Restored,
     /// Live writers found: everything was kept (aggregator restart).
     Restart,
     /// `--wipe`: everything of ours was removed.
@@ -113,8 +123,9 @@ pub fn lock(dir: &Path, shared: bool) -> Result<DirLock> {
     Ok(DirLock { _lock: lock, dir: dir.to_path_buf(), trust })
 }
 
-/// Applies the start-up rule (see the module docs) to a directory we hold the lock of.
-pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
+/// Applies the start-up rule (see the module docs) to a directory we hold the lock of; `restore`
+/// (ignored with `wipe`) keeps the previous run's totals on a fresh start.
+pub fn startup(lock: &DirLock, wipe: bool, restore: bool) -> Result<Startup> {
     let (dir, trust) = (lock.dir(), lock.trust());
     let names = list(dir)?;
     // Liveness is the lock alone, never whether we can parse a file: a live writer's file must
@@ -123,7 +134,11 @@ pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
     if any_live {
         return Ok(Startup::Restart);
     }
+    let restore = restore && !wipe;
     for n in &names {
+        if restore && restored(n) {
+            continue;
+        }
         let p = dir.join(n);
         match understood(&p, n, &trust, wipe) {
             Ok(true) => {
@@ -139,7 +154,23 @@ pub fn startup(lock: &DirLock, wipe: bool) -> Result<Startup> {
             }
         }
     }
-    Ok(if wipe { Startup::Wiped } else { Startup::Fresh })
+    Ok(if wipe {
+        Startup::Wiped
+    } else if restore {
+        Startup::Restored
+    } else {
+        Startup::Fresh
+    })
+}
+
+/// Whether a fresh start with `--restore` keeps `n`: a writer's file, the archive, or a Python
+/// file (or one set aside for compaction) of a counter, histogram or summary.
+fn restored(n: &str) -> bool {
+    if layout::is_writer_file(n) || n == ARCHIVE_FILE {
+        return true;
+    }
+    let original = n.strip_prefix(".compact-").unwrap_or(n);
+    crate::python::parse_name(original).is_some_and(|p| !matches!(p.kind, crate::python::PyKind::Gauge(_)))
 }
 
 /// Whether `n` is a writer or Python file of a live process.
@@ -215,4 +246,34 @@ pub fn list(dir: &Path) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_keeps_the_files_of_counters_histograms_and_summaries() {
+        for n in [
+            "w-12-0123456789abcdef0123456789abcdef.shm",
+            ARCHIVE_FILE,
+            "counter_12.db",
+            "histogram_12.db",
+            "summary_12.db",
+            ".compact-counter_12.db",
+        ] {
+            assert!(restored(n), "{n}");
+        }
+        for n in [
+            "gauge_all_12.db",
+            "gauge_livesum_12.db",
+            ".compact-gauge_max_12.db",
+            LOCK_FILE,
+            "notes.txt",
+            ".archive.json.Xy12ab.tmp",
+            ".w-12-0123456789abcdef0123456789abcdef.tmp",
+        ] {
+            assert!(!restored(n), "{n}");
+        }
+    }
 }

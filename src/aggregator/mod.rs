@@ -199,7 +199,8 @@ impl Aggregator {
             (None, crate::trust::check_dir(dir, opts.shared_dir)?, Startup::Kept)
         } else {
             let lock = dir::lock(dir, opts.shared_dir)?;
-            let startup = if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe)? };
+            let startup =
+                if opts.keep { Startup::Kept } else { dir::startup(&lock, opts.wipe, opts.restore)? };
             let trust = lock.trust();
             remove_archive_temps(dir, &trust);
             (Some(lock), trust, startup)
@@ -224,7 +225,7 @@ impl Aggregator {
             tracing::info!(dir = %dir.display(), ?startup, "aggregator owns the directory");
         }
         let cpu = procs::CpuLedger::restore(loaded.totals.cpu_seconds, &loaded.totals.cpu_bases);
-        Ok(Aggregator {
+        let mut agg = Aggregator {
             _lock: lock,
             dir: dir.to_path_buf(),
             trust,
@@ -250,7 +251,58 @@ impl Aggregator {
             stats: Stats::default(),
             workers: Vec::new(),
             self_meta: SelfMeta::new(),
-        })
+        };
+        if startup == Startup::Restored {
+            agg.restore_previous_run();
+        }
+        Ok(agg)
+    }
+
+    /// `--restore` on a fresh start ([`Startup::Restored`]): the previous run's counters,
+    /// histograms and summaries continue from its totals.
+    ///
+    /// The writers' files the start-up kept are folded into the archive as if those workers had
+    /// just died — by the fold code every dead worker goes through, so each exactly once (the
+    /// archive records the folded ids before the files are removed, and a crash in between
+    /// folds nothing twice) — and the archive then loses what must not survive a fresh start:
+    /// gauges of every mode (info and enum values are never archived), as without `--restore`.
+    /// The aggregator's own totals (dead and crashed workers, dropped series and updates, the
+    /// job's CPU seconds of gone processes) are counters too, and continue likewise: the previous
+    /// run's last workers, folded here, count as dead (and as crashed unless they exited
+    /// cleanly), but raise no crash alarm — the job was stopped, and the alarm would be about
+    /// the previous run.
+    fn restore_previous_run(&mut self) {
+        self.scan();
+        let workers = std::mem::take(&mut self.exits).len();
+        let mut kept = Merger::new();
+        let mut dropped = 0usize;
+        for (desc, labels, value) in self.merger.archived() {
+            if !matches!(desc.metric_type, MetricType::Counter | MetricType::Histogram | MetricType::Summary)
+            {
+                dropped += 1;
+                continue;
+            }
+            if let Some(fam) = kept.family_for(desc) {
+                let idx = kept.series_for(fam, labels.pairs.clone());
+                kept.widen(idx, &labels.bounds);
+                kept.archive_value(idx, value);
+            }
+        }
+        self.merger = kept;
+        self.remap();
+        self.epoch_mapped = self.merger.epoch();
+        self.dead_since_rebuild = 0;
+        self.folds.touch();
+        let (dir, merger, totals) = (&self.dir, &self.merger, &self.totals);
+        self.folds.save(|folded| archive::save(dir, merger, totals, folded));
+        self.folds.remove_saved();
+        tracing::info!(
+            dir = %self.dir.display(),
+            folded_workers = workers,
+            dropped_gauge_series = dropped,
+            "--restore: the previous run's counters, histograms and summaries continue from its totals; \
+             its gauges start afresh"
+        );
     }
 
     /// The directory.

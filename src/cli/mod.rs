@@ -226,6 +226,9 @@ impl Servers {
     /// Binds both ports (a clear error if one is taken) and starts everything.
     async fn start(agg: crate::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
         use anyhow::Context;
+        // Checked (and locked) before anything is served: a hostile --text-dir is refused at start.
+        let text_dir =
+            args.text_dir.as_deref().map(|d| crate::textdir::TextDir::open(d, agg.dir())).transpose()?;
         let (http_addr, mon_addr) = (args.listen(), args.monitor());
         let http = listen(http_addr).with_context(|| {
             format!("cannot listen on {http_addr} (use --listen to pick another address)")
@@ -261,8 +264,8 @@ impl Servers {
         if let Some(p) = &alarms {
             background.push(tokio::spawn(crate::alarm::rules::run(job.clone(), p.clone())));
         }
-        if let Some(dir) = &args.text_dir {
-            background.push(tokio::spawn(crate::textdir::run(job.clone(), dir.clone())));
+        if let Some(dir) = text_dir {
+            background.push(tokio::spawn(crate::textdir::run(job.clone(), dir)));
         }
         let config = args.config.clone();
         Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, config })

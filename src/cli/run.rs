@@ -33,6 +33,12 @@ const FORWARDED: [Signal; 8] = [
 ];
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.agg.restore && args.dir.is_none() {
+        anyhow::bail!(
+            "--restore needs --dir: without it, `shmetrics run` uses a private directory removed at \
+             exit, so there is no previous run to restore; give the job's directory with --dir DIR"
+        );
+    }
     let private = match &args.dir {
         Some(_) => None,
         None => {

@@ -22,6 +22,7 @@ mod python_servers;
 mod robustness;
 mod run_cmd;
 mod supervisor;
+mod text_dir;
 mod typed_metrics;
 mod uwsgi_stats;
 mod workers;
