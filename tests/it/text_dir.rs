@@ -357,6 +357,56 @@ fn restore_continues_counters_and_histograms_and_resets_gauges() {
     stop(served);
 }
 
+/// prometheus_client writers that exit (files of dead Python processes), `n` increments each.
+fn python_writers(py: &str, dir: &Path, n: u32) {
+    let script = "import sys\n\
+from prometheus_client import Counter, Gauge, Histogram\n\
+c = Counter('py_jobs', 'Jobs.', ['kind'])\n\
+h = Histogram('py_lat_seconds', 'Latency.', buckets=(0.1, 1.0))\n\
+g = Gauge('py_temp', 'A gauge (mode all).')\n\
+for _ in range(int(sys.argv[1])):\n    c.labels('a').inc()\n    h.observe(0.05)\n\
+g.set(3)\n";
+    let st = Command::new(py)
+        .args(["-c", script, &n.to_string()])
+        .env("PROMETHEUS_MULTIPROC_DIR", dir)
+        .status()
+        .expect("python");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn restore_keeps_python_counters_and_histograms_and_drops_python_gauges() {
+    let py = util::require_python();
+    let tmp = tmp();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let jobs = "py_jobs_total{kind=\"a\"}";
+
+    // The previous run: a Python process wrote 4 jobs and a gauge, and is gone.
+    python_writers(&py, &dir, 4);
+    let served = util::serve(&dir, &["--restore"]);
+    let s = scrape(&served);
+    assert_eq!((s[jobs], s["py_lat_seconds_count"], s["py_lat_seconds_bucket{le=\"0.1\"}"]), (4.0, 4.0, 4.0));
+    let gauges: Vec<&String> = s.keys().filter(|k| k.starts_with("py_temp")).collect();
+    assert!(gauges.is_empty(), "gauges start afresh: {gauges:?}");
+
+    // Another Python process adds 2: the totals continue.
+    python_writers(&py, &dir, 2);
+    util::wait_for(T, "6 jobs", || (scrape(&served).get(jobs) == Some(&6.0)).then_some(()));
+    assert_eq!(scrape(&served)["py_lat_seconds_count"], 6.0);
+    stop(served);
+
+    // Again with --restore: 6 continue; without it, a fresh start is empty.
+    let served = util::serve(&dir, &["--restore"]);
+    assert_eq!(scrape(&served)[jobs], 6.0);
+    stop(served);
+    let served = util::serve(&dir, &[]);
+    let s = scrape(&served);
+    assert!(!s.keys().any(|k| k.starts_with("py_")), "{s:?}");
+    stop(served);
+}
+
 #[test]
 fn run_restore_without_dir_is_an_error() {
     let e = refused(&["run", "--restore", "--listen", "127.0.0.1:0", "--", "true"]);
