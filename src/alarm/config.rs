@@ -474,7 +474,7 @@ mod tests {
     #[test]
     fn the_shipped_example_parses() {
         let c = AlarmConfig::parse(include_str!("../../conf/shmetrics.toml")).expect("conf/shmetrics.toml");
-        assert_eq!(c.threshold.len(), 2);
+        assert_eq!(c.threshold.len(), 3);
         assert_eq!(c.fatal.as_ref().and_then(|f| f.max_crashes), Some(5));
         assert_eq!(c.metric.len(), 6, "every collector and an alias");
         assert_eq!(c.uwsgi_stats.len(), 2);
