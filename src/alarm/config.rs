@@ -356,6 +356,7 @@ impl AlarmConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        crate::push::check_all(&self.push).map_err(Error::Config)?;
         let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
         if let Some(c) = &self.crash {
             refs.push(("[crash]", &c.actions));

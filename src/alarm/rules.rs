@@ -264,4 +264,3 @@ pub async fn run(job: Arc<Job>, pipeline: Arc<Pipeline>) {
         d.check(&job, &exits, &pipeline).await;
     }
 }
-
