@@ -228,8 +228,7 @@ impl Job {
 
     /// The latest merge if it finished less than `max_age` ago, else a new one ([`Job::merged`]).
     pub async fn recent(self: &Arc<Self>, max_age: Duration) -> Option<Arc<Snapshot>> {
-        let latest =
-            lock(&self.latest).as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, s)| Arc::clone(s));
+        let latest = lock(&self.latest).as_ref().filter(|(at, _)| at.elapsed() < max_age).map(|(_, s)| Arc::clone(s));
         match latest {
             Some(s) => Some(s),
             None => self.merged().await,

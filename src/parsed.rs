@@ -105,16 +105,12 @@ fn toml_float(x: f64) -> String {
 /// `#[serde(default)]`).
 macro_rules! seconds_key {
     ($key:ident, $positive:expr) => {
-        fn $key<'de, D: serde::Deserializer<'de>>(
-            d: D,
-        ) -> std::result::Result<$crate::parsed::Seconds, D::Error> {
+        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<$crate::parsed::Seconds, D::Error> {
             $crate::parsed::read_seconds(d, stringify!($key), $positive)
         }
     };
     ($key:ident, $positive:expr, opt) => {
-        fn $key<'de, D: serde::Deserializer<'de>>(
-            d: D,
-        ) -> std::result::Result<Option<$crate::parsed::Seconds>, D::Error> {
+        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<$crate::parsed::Seconds>, D::Error> {
             $crate::parsed::read_seconds(d, stringify!($key), $positive).map(Some)
         }
     };
@@ -141,6 +137,7 @@ pub(crate) fn read_seconds<'de, D: serde::Deserializer<'de>>(
     Seconds::new(secs, positive).map_err(err)
 }
 
+
 /// A TOML error on one line (`line 2, column 18: …`), for the log: toml's own rendering spans
 /// several lines.
 pub(crate) fn one_line(text: &str, e: &toml::de::Error) -> String {
@@ -155,6 +152,7 @@ pub(crate) fn one_line(text: &str, e: &toml::de::Error) -> String {
         None => msg,
     }
 }
+
 
 /// A series selector: `name` or `name{label="value",…}`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

@@ -264,3 +264,4 @@ pub async fn run(job: Arc<Job>, pipeline: Arc<Pipeline>) {
         d.check(&job, &exits, &pipeline).await;
     }
 }
+
