@@ -166,10 +166,17 @@ impl Stats {
     }
 }
 
+/// The batches waiting, with their numbers, and the number of the last one added.
+#[derive(Default)]
+struct Waiting {
+    last: u64,
+    batches: VecDeque<(u64, Arc<Batch>)>,
+}
+
 /// The batches between a pusher's ticker and its sender, numbered.
 #[derive(Default)]
 struct Queue {
-    batches: Mutex<(u64, VecDeque<(u64, Arc<Batch>)>)>,
+    batches: Mutex<Waiting>,
     ready: Notify,
     /// Number of the last batch the sender finished with.
     done: watch::Sender<u64>,
@@ -179,10 +186,10 @@ impl Queue {
     /// Adds a batch; returns its number and whether the oldest batch was dropped for it.
     fn push(&self, b: Batch) -> (u64, bool) {
         let mut q = lock(&self.batches);
-        q.0 += 1;
-        let seq = q.0;
-        let dropped = q.1.len() >= QUEUE_BATCHES && q.1.pop_front().is_some();
-        q.1.push_back((seq, Arc::new(b)));
+        q.last += 1;
+        let seq = q.last;
+        let dropped = q.batches.len() >= QUEUE_BATCHES && q.batches.pop_front().is_some();
+        q.batches.push_back((seq, Arc::new(b)));
         drop(q);
         self.ready.notify_one();
         (seq, dropped)
@@ -190,7 +197,7 @@ impl Queue {
 
     async fn pop(&self) -> (u64, Arc<Batch>) {
         loop {
-            if let Some(b) = lock(&self.batches).1.pop_front() {
+            if let Some(b) = lock(&self.batches).batches.pop_front() {
                 return b;
             }
             self.ready.notified().await;
@@ -466,7 +473,7 @@ mod tests {
         let q = Queue::default();
         let drops: Vec<bool> = (0..6).map(|_| q.push(Batch::default()).1).collect();
         assert_eq!(drops, vec![false, false, false, false, true, true]);
-        let seqs: Vec<u64> = lock(&q.batches).1.iter().map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> = lock(&q.batches).batches.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![3, 4, 5, 6]);
     }
 }

@@ -57,11 +57,14 @@ impl Udp {
     }
 }
 
+/// A datagram's bytes and the tags of its lines.
+pub type Datagram<T> = (Vec<u8>, Vec<T>);
+
 /// Packs lines into datagrams of at most `max` bytes, `\n` between lines, in order; each
 /// datagram comes with the tags of its lines. A line longer than `max` on its own is left out
 /// (returned in the second list): a receiver would get it truncated or not at all.
-pub fn pack<T>(lines: Vec<(String, T)>, max: usize) -> (Vec<(Vec<u8>, Vec<T>)>, Vec<String>) {
-    let mut out: Vec<(Vec<u8>, Vec<T>)> = Vec::new();
+pub fn pack<T>(lines: Vec<(String, T)>, max: usize) -> (Vec<Datagram<T>>, Vec<String>) {
+    let mut out: Vec<Datagram<T>> = Vec::new();
     let mut too_long = Vec::new();
     let mut cur: Vec<u8> = Vec::new();
     let mut tags = Vec::new();

@@ -269,7 +269,7 @@ impl Carbon {
         let out =
             Command::new(fetch).arg("--from").arg(format!("{}", now() - 600)).arg(&file).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines().filter_map(|l| l.split('\t').nth(1)).filter(|v| *v != "None").last()?.parse().ok()
+        text.lines().filter_map(|l| l.split('\t').nth(1)).rfind(|v| *v != "None")?.parse().ok()
     }
 }
 
@@ -367,7 +367,7 @@ impl Influx {
     }
 
     /// The last `value` of a measurement's series with these tags, if any.
-    fn last(&self, db: &str, measurement: &str, tag: Option<(&str, &str)>) -> Option<f64> {
+    fn last(&self, db: &str, measurement: &str, tag: Tag) -> Option<f64> {
         let filter = tag.map_or(String::new(), |(k, v)| format!(" WHERE \"{k}\" = '{v}'"));
         let q = format!("SELECT last(\"value\") FROM \"{measurement}\"{filter}");
         let path = format!("/query?db={db}&epoch=s&q={}", url_encode(&q));
@@ -376,6 +376,9 @@ impl Influx {
         v["results"][0]["series"][0]["values"][0][1].as_f64()
     }
 }
+
+/// A tag to select a series by.
+type Tag<'a> = Option<(&'a str, &'a str)>;
 
 /// Line protocol over HTTP (into a database that does not exist at first: InfluxDB's 404 message
 /// is logged and counted, then values arrive once it is created) and over UDP, read back with
@@ -396,7 +399,7 @@ fn influx_http_and_udp_answer_queries_with_the_exact_values() {
         (errors >= 1.0 && log_has(&served, "404 database not found: \"shm\"")).then_some(())
     });
     db.create_database("shm");
-    let want: [(&str, Option<(&str, &str)>, f64); 4] = [
+    let want: [(&str, Tag, f64); 4] = [
         ("wl_requests_total", Some(("route", "/r0")), 9.0),
         ("wl_bytes_total", None, 4.5),
         ("wl_max", Some(("route", "/r0")), 2.0),
