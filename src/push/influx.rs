@@ -63,7 +63,9 @@ pub fn lines(batch: &Batch, spec: &PushSpec, ts: &str) -> Vec<String> {
 
 /// Sends a batch to an `[[udp]]` listener; returns the lines left out for being longer than a
 /// datagram.
+/// A refusal of the previous push's datagrams makes this push an error too (after sending it).
 pub async fn send_udp(batch: &Batch, spec: &PushSpec, udp: &mut Udp) -> Result<Vec<String>, String> {
+    let refused = udp.refusal();
     udp.connect(&spec.address).await?;
     let ts = format!("{}000000000", batch.at as u64);
     let tagged = lines(batch, spec, &ts).into_iter().map(|l| (l, ())).collect();
@@ -71,7 +73,7 @@ pub async fn send_udp(batch: &Batch, spec: &PushSpec, udp: &mut Udp) -> Result<V
     for (bytes, _) in grams {
         udp.send(&bytes).await?;
     }
-    Ok(too_long)
+    refused.map_or(Ok(too_long), Err)
 }
 
 /// The `/write` URL of a pusher.

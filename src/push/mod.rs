@@ -459,6 +459,60 @@ impl Source for Pushers {
 mod tests {
     use super::*;
 
+    fn family(name: &str, t: MetricType, series: Vec<(LabelSet, Value)>) -> SnapFamily {
+        let mut meta = (*FamilyMeta::own(name, "", t, ValueType::F64, &["k"])).clone();
+        meta.desc.buckets = vec![0.5];
+        SnapFamily {
+            meta: Arc::new(meta),
+            series: series.into_iter().map(|(l, v)| (Arc::new(l), v)).collect(),
+        }
+    }
+
+    fn labels(v: &str) -> LabelSet {
+        LabelSet::new(vec![("k".into(), v.into())])
+    }
+
+    #[test]
+    fn every_sample_with_its_flavor_and_the_series_filter() {
+        let mut h = labels("x");
+        h.bounds = vec![0.5];
+        let snap = Snapshot {
+            families: vec![
+                family(
+                    "c",
+                    MetricType::Counter,
+                    vec![(labels("a"), Value::U64(3)), (labels("b"), Value::U64(4))],
+                ),
+                family("h", MetricType::Histogram, vec![(h, Value::Hist { buckets: vec![1, 2], sum: 2.5 })]),
+                family("g", MetricType::Gauge, vec![(labels("a"), Value::F64(-1.0))]),
+                family("abs", MetricType::Gauge, vec![(labels("a"), Value::F64(7.0))]),
+            ],
+        };
+        let got = |series: &[Selector]| -> Vec<(String, Flavor, f64)> {
+            batch(&snap, &["abs".to_string()], series, 1.0)
+                .points
+                .into_iter()
+                .map(|p| (p.sample.selector(), p.flavor, p.sample.value))
+                .collect()
+        };
+        let all = got(&[]);
+        let want = vec![
+            (r#"c_total{k="a"}"#.to_string(), Flavor::Counter, 3.0),
+            (r#"c_total{k="b"}"#.to_string(), Flavor::Counter, 4.0),
+            (r#"h_bucket{k="x",le="0.5"}"#.to_string(), Flavor::Counter, 1.0),
+            (r#"h_bucket{k="x",le="+Inf"}"#.to_string(), Flavor::Counter, 3.0),
+            (r#"h_count{k="x"}"#.to_string(), Flavor::Counter, 3.0),
+            (r#"h_sum{k="x"}"#.to_string(), Flavor::Counter, 2.5),
+            (r#"g{k="a"}"#.to_string(), Flavor::Gauge, -1.0),
+            (r#"abs{k="a"}"#.to_string(), Flavor::Absolute, 7.0),
+        ];
+        assert_eq!(all, want);
+        let only = [Selector::parse(r#"c_total{k="b"}"#), Selector::parse("h_count")];
+        let only: Vec<Selector> = only.into_iter().flatten().collect();
+        let names: Vec<String> = got(&only).into_iter().map(|(n, _, _)| n).collect();
+        assert_eq!(names, vec![r#"c_total{k="b"}"#.to_string(), r#"h_count{k="x"}"#.to_string()]);
+    }
+
     #[test]
     fn backoff_doubles_up_to_freq_or_a_minute() {
         let f = Duration::from_secs(10);

@@ -1,11 +1,13 @@
 //! What the UDP pushers share: resolving `host:port` at push time, one connected UDP socket kept
 //! between pushes, and packing lines into datagrams.
 //!
-//! The socket is *connected*: then an ICMP "port unreachable" from a receiver that is down comes
-//! back as `ECONNREFUSED` on the next send, and the push counts as failed instead of vanishing.
-//! (What went out before that error is lost, as UDP always can lose it.) The address is resolved
-//! again at every push, so a receiver that moves (DNS) is followed; the socket is re-made when
-//! the address changes or after an error.
+//! The socket is *connected*, and kept: then the ICMP "port unreachable" of a receiver that is
+//! down is left on the socket as a pending `ECONNREFUSED`, which the next send, or the check at
+//! the start of the next push ([`Udp::refusal`]), reports. So a push into a closed port counts
+//! as failed — one push late, as UDP cannot tell sooner — instead of vanishing; statsd's deltas
+//! are committed only once the next push found no refusal ([`super::statsd`]). The address is
+//! resolved again at every push, so a receiver that moves (DNS) is followed; the socket is re-made
+//! when the address changes or after an error other than a refusal.
 
 use std::net::SocketAddr;
 
@@ -43,14 +45,25 @@ impl Udp {
         Ok(())
     }
 
-    /// Sends one datagram; after an error the socket is re-made at the next push.
+    /// Whether the receiver refused datagrams since the last send (an ICMP error pending on the
+    /// socket, taken by this call): the message to count and log.
+    pub fn refusal(&self) -> Option<String> {
+        let (to, sock) = self.sock.as_ref()?;
+        let e = sock.take_error().ok().flatten()?;
+        Some(format!("{to} refused the datagrams of the last push: {e}"))
+    }
+
+    /// Sends one datagram; after an error other than a refusal the socket is re-made at the next
+    /// push.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
         let Some((to, sock)) = &self.sock else { return Err("UDP socket not connected".into()) };
         match sock.send(bytes).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 let msg = format!("sending to {to}: {e}");
-                self.sock = None;
+                if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                    self.sock = None;
+                }
                 Err(msg)
             }
         }

@@ -27,7 +27,9 @@ pub fn datagrams(batch: &Batch, spec: &PushSpec) -> Vec<String> {
 }
 
 /// Sends a batch; returns the lines left out for being longer than a datagram.
+/// A refusal of the previous push's datagrams makes this push an error too (after sending it).
 pub async fn send(batch: &Batch, spec: &PushSpec, udp: &mut Udp) -> Result<Vec<String>, String> {
+    let refused = udp.refusal();
     udp.connect(&spec.address).await?;
     let mut too_long = Vec::new();
     for d in datagrams(batch, spec) {
@@ -37,5 +39,5 @@ pub async fn send(batch: &Batch, spec: &PushSpec, udp: &mut Udp) -> Result<Vec<S
         }
         udp.send(d.as_bytes()).await?;
     }
-    Ok(too_long)
+    refused.map_or(Ok(too_long), Err)
 }

@@ -14,8 +14,13 @@
 //! so a negative gauge goes as `name:0|g` then `name:-5|g`, in the same datagram so that they stay
 //! in order.
 //!
-//! The baseline of a counter only moves for the lines that were sent: when a push fails half way,
-//! the datagrams that went out are committed, the others are counted again at the next push.
+//! The baseline of a counter only moves for what was sent: a push's new baselines are *pending*
+//! until the next push finds no refusal on the socket (see [`super::net`]); when a send fails, or
+//! the receiver refused the datagrams (it was down), they are dropped and the next push sends
+//! those increments again. (A receiver that comes up half way through one push may count that
+//! push's other datagrams twice: UDP cannot tell which ones it got. And the kernel sends at most
+//! about one ICMP error a second to a host, so with `freq_seconds` under a second some pushes
+//! into a closed port go unnoticed and their increments are lost.)
 
 use std::collections::{HashMap, HashSet};
 
@@ -24,10 +29,12 @@ use super::net::{pack, Udp, MAX_DATAGRAM};
 use super::spec::PushSpec;
 use super::{Batch, Flavor};
 
-/// The value each counter had at its last successful push, by statsd name.
+/// The value each counter had at its last successful push, by statsd name, and the values of
+/// the last push, not yet known to have arrived.
 #[derive(Debug, Default)]
 pub struct Deltas {
     last: HashMap<String, f64>,
+    pending: Vec<(String, f64)>,
 }
 
 impl Deltas {
@@ -39,9 +46,11 @@ impl Deltas {
         }
     }
 
-    fn commit(&mut self, sent: Vec<Option<(String, f64)>>) {
-        for (name, v) in sent.into_iter().flatten() {
-            self.last.insert(name, v);
+    /// The last push arrived (`true`) or not: its baselines are committed or dropped.
+    fn settle(&mut self, arrived: bool) {
+        let pending = std::mem::take(&mut self.pending);
+        if arrived {
+            self.last.extend(pending);
         }
     }
 }
@@ -75,18 +84,25 @@ pub fn lines(batch: &Batch, spec: &PushSpec, deltas: &Deltas) -> Vec<Line> {
     out
 }
 
-/// Sends a batch; returns the lines left out for being longer than a datagram.
+/// Sends a batch; returns the lines left out for being longer than a datagram. A refusal of the
+/// previous push's datagrams makes this push an error too (after sending it: that is how the
+/// next push learns whether the receiver is back).
 pub async fn send(
     batch: &Batch,
     spec: &PushSpec,
     deltas: &mut Deltas,
     udp: &mut Udp,
 ) -> Result<Vec<String>, String> {
+    let refused = udp.refusal();
+    deltas.settle(refused.is_none());
     udp.connect(&spec.address).await?;
     let (grams, too_long) = pack(lines(batch, spec, deltas), MAX_DATAGRAM);
     for (bytes, sent) in grams {
-        udp.send(&bytes).await?;
-        deltas.commit(sent);
+        if let Err(e) = udp.send(&bytes).await {
+            deltas.pending.clear();
+            return Err(e);
+        }
+        deltas.pending.extend(sent.into_iter().flatten());
     }
     // Forget counters that are gone (the map stays as large as the job).
     let now: HashSet<String> = batch
@@ -96,7 +112,7 @@ pub async fn send(
         .map(|p| dotted(spec.prefix.as_deref(), &p.sample, spec.labels))
         .collect();
     deltas.last.retain(|k, _| now.contains(k));
-    Ok(too_long)
+    refused.map_or(Ok(too_long), Err)
 }
 
 #[cfg(test)]
@@ -141,10 +157,13 @@ mod tests {
             ("a", Flavor::Absolute, 7.0),
         ]);
         assert_eq!(texts(&b, &d), vec!["p.c_total.a_b:5|c", "p.g.a_b:0|g\np.g.a_b:-2.5|g", "p.a.a_b:7|g"]);
-        d.commit(lines(&b, &spec(), &d).into_iter().map(|(_, c)| c).collect());
+        d.pending = lines(&b, &spec(), &d).into_iter().filter_map(|(_, c)| c).collect();
+        d.settle(true);
         let b = batch(&[("c_total", Flavor::Counter, 12.0), ("h_sum", Flavor::Counter, f64::NAN)]);
         assert_eq!(texts(&b, &d), vec!["p.c_total.a_b:7|c"]);
-        // Not committed (the push failed): the next one sends the whole difference.
+        // Sent, but refused (the receiver was down): the next push sends the whole difference.
+        d.pending = lines(&b, &spec(), &d).into_iter().filter_map(|(_, c)| c).collect();
+        d.settle(false);
         let b = batch(&[("c_total", Flavor::Counter, 20.0)]);
         assert_eq!(texts(&b, &d), vec!["p.c_total.a_b:15|c"]);
         // A restart: the counter went down, its new value is what it counted since.

@@ -105,6 +105,11 @@ struct Statsd {
 }
 
 fn statsd(tmp: &Path) -> Statsd {
+    statsd_on(tmp, free_udp_port())
+}
+
+/// Starts statsd on UDP `port`.
+fn statsd_on(tmp: &Path, port: u16) -> Statsd {
     let node = require("node", "apt-get install nodejs");
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/npm/node_modules/statsd/stats.js");
     let js = std::env::var_os("SHMETRICS_TEST_STATSD").map_or(default, PathBuf::from);
@@ -114,7 +119,7 @@ fn statsd(tmp: &Path) -> Statsd {
          or set SHMETRICS_TEST_STATSD to its stats.js",
         js.display()
     );
-    let (port, mgmt) = (free_udp_port(), free_tcp_port());
+    let mgmt = free_tcp_port();
     // A flush once an hour: counters add up until the test reads them.
     let conf = tmp.join("statsd.js");
     let text = format!(
@@ -218,6 +223,37 @@ fn statsd_deltas_add_up_to_the_exact_totals_across_pushes_and_reloads() {
     });
     let c = sd.read("counters");
     assert_eq!(c.get("wl_requests_total._r0"), Some(&9.0), "{c:?}");
+}
+
+/// A statsd that is down: its refusals (ICMP port unreachable, seen at the next push) are counted
+/// as errors and the increments of those pushes are not taken as sent, so once statsd is up the
+/// counters it holds are exactly the merged totals — not less (lost increments), not more.
+/// (`freq_seconds` over a second: the kernel sends about one ICMP error a second.)
+#[test]
+fn statsd_down_then_up_gets_exactly_the_totals() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_udp_port();
+    let s = setup(&format!(
+        "[[push]]\ntype = \"statsd\"\nname = \"sd\"\naddress = \"127.0.0.1:{port}\"\nfreq_seconds = 1.2\n"
+    ));
+    let served = s.serve();
+    s.workload();
+    wait_for(LONG, "refused pushes counted", || {
+        (sample(&served, "shmetrics_push_errors_total{pusher=\"sd\"}") >= 2.0).then_some(())
+    });
+    assert!(log_has(&served, "refused the datagrams of the last push"), "the refusal is logged");
+    let sd = statsd_on(tmp.path(), port);
+    let pushes = wait_for(LONG, "pushes after statsd is up", || {
+        let c = sd.read("counters");
+        let p = sample(&served, "shmetrics_pushes_total{pusher=\"sd\"}");
+        (c.get("wl_requests_total._r0") == Some(&9.0) && p >= 2.0).then_some(p)
+    });
+    wait_for(LONG, "more pushes", || {
+        (sample(&served, "shmetrics_pushes_total{pusher=\"sd\"}") >= pushes + 2.0).then_some(())
+    });
+    let c = sd.read("counters");
+    assert_eq!(c.get("wl_requests_total._r0"), Some(&9.0), "{c:?}");
+    assert_eq!(c.get("wl_bytes_total"), Some(&4.5), "{c:?}");
 }
 
 // ---- carbon ---------------------------------------------------------------------------------
