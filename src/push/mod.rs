@@ -14,7 +14,9 @@
 //!   an error), and a *sender* that encodes and sends batches one at a time, each push bounded by
 //!   `timeout_seconds` (DNS, connect, write, the answer). A failed push is counted, logged (the
 //!   first error at once, then at most one message a minute), and followed by a back-off (1 s,
-//!   2 s, 4 s … up to `freq_seconds` or 60 s) before the next one. Nothing here runs inside a
+//!   2 s, 4 s … up to `freq_seconds` or 60 s); over TCP and HTTP the batch that failed is tried
+//!   again after it (so a receiver back after a short outage gets every point), over UDP the
+//!   next batch carries the current values. Nothing here runs inside a
 //!   merge: the counters the job reads ([`Source::families`]) are two atomics per pusher.
 //! - **statsd gets deltas** computed when a batch is *sent*, against what was last sent
 //!   successfully (see [`statsd`]): a batch dropped from the queue, or a push that failed, loses
@@ -133,7 +135,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Stats {
     pushes: AtomicU64,
     errors: AtomicU64,
+    /// For failed pushes.
     log: Mutex<LogLimit>,
+    /// For dropped batches (another condition, with messages of its own).
+    drop_log: Mutex<LogLimit>,
 }
 
 /// The first error at once, then at most one message per [`LOG_EVERY`].
@@ -145,8 +150,16 @@ struct LogLimit {
 
 impl Stats {
     fn error(&self, pusher: &str, msg: &str) {
+        self.count_and_log(&self.log, pusher, msg);
+    }
+
+    fn dropped(&self, pusher: &str, msg: &str) {
+        self.count_and_log(&self.drop_log, pusher, msg);
+    }
+
+    fn count_and_log(&self, log: &Mutex<LogLimit>, pusher: &str, msg: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut l = lock(&self.log);
+        let mut l = lock(log);
         if l.last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
             l.suppressed += 1;
             return;
@@ -193,6 +206,16 @@ impl Queue {
         drop(q);
         self.ready.notify_one();
         (seq, dropped)
+    }
+
+    /// Puts a batch that failed back in front, if there is room; whether it was.
+    fn retry(&self, seq: u64, b: &Arc<Batch>) -> bool {
+        let mut q = lock(&self.batches);
+        let room = q.batches.len() < QUEUE_BATCHES;
+        if room {
+            q.batches.push_front((seq, Arc::clone(b)));
+        }
+        room
     }
 
     async fn pop(&self) -> (u64, Arc<Batch>) {
@@ -251,7 +274,7 @@ async fn ticker(job: Arc<Job>, spec: PushSpec, queue: Arc<Queue>, stats: Arc<Sta
         let Some(b) = collect(&job, &spec).await else { continue };
         if queue.push(b).1 {
             let msg = format!("the receiver is slower than freq_seconds: dropped the oldest of {QUEUE_BATCHES} waiting batches");
-            stats.error(&spec.name, &msg);
+            stats.dropped(&spec.name, &msg);
         }
     }
 }
@@ -294,17 +317,35 @@ async fn sender(
             Err(e) => {
                 failures = failures.saturating_add(1);
                 stats.error(&spec.name, &e);
+                // Not delivered: tried again after the back-off (not when stopping; and only if
+                // the queue has room, else it is the oldest batch and goes).
+                if retried(&spec) && !*stop.borrow() && queue.retry(seq, &batch) {
+                    backoff_or_stop(&mut stop, backoff(failures, spec.freq.get())).await;
+                    continue;
+                }
             }
         }
         queue.done.send_replace(seq);
         if failures > 0 && !*stop.borrow() {
-            let wait = backoff(failures, spec.freq.get());
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.wait_for(|s| *s) => {}
-            }
+            backoff_or_stop(&mut stop, backoff(failures, spec.freq.get())).await;
         }
     }
+}
+
+/// Sleeps `wait`, or less if the pusher is told to stop (its last push goes out at once).
+async fn backoff_or_stop(stop: &mut watch::Receiver<bool>, wait: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// Whether a failed push is tried again: over TCP and HTTP a failure means the batch was not
+/// delivered, and carbon and InfluxDB store each batch's points under its timestamp. Over UDP a
+/// failure is a refusal of the *previous* push (or of part of this one), and the next batch
+/// carries the current values (statsd: every increment not known to have arrived).
+fn retried(spec: &PushSpec) -> bool {
+    matches!((spec.kind, spec.transport), (Kind::Carbon, _) | (Kind::Influx, Transport::Http))
 }
 
 /// A pusher's tasks; dropping it stops them.
@@ -527,7 +568,13 @@ mod tests {
         let q = Queue::default();
         let drops: Vec<bool> = (0..6).map(|_| q.push(Batch::default()).1).collect();
         assert_eq!(drops, vec![false, false, false, false, true, true]);
-        let seqs: Vec<u64> = lock(&q.batches).batches.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, vec![3, 4, 5, 6]);
+        let seqs = |q: &Queue| -> Vec<u64> { lock(&q.batches).batches.iter().map(|(s, _)| *s).collect() };
+        assert_eq!(seqs(&q), vec![3, 4, 5, 6]);
+        // A failed batch goes back in front only if there is room.
+        let b = Arc::new(Batch::default());
+        assert!(!q.retry(2, &b));
+        lock(&q.batches).batches.pop_front();
+        assert!(q.retry(3, &b));
+        assert_eq!(seqs(&q), vec![3, 4, 5, 6]);
     }
 }

@@ -456,6 +456,34 @@ fn influx_http_and_udp_answer_queries_with_the_exact_values() {
     });
 }
 
+/// A receiver that takes the connection but never answers (a listening socket nobody accepts
+/// on): each push ends at `timeout_seconds` and counts as an error, batches beyond the bounded
+/// queue are dropped and counted, and scrapes answer all the while.
+#[test]
+fn a_receiver_that_never_answers_times_out_and_never_holds_a_scrape() {
+    let hole = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = hole.local_addr().expect("addr").port();
+    let s = setup(&format!(
+        "[[push]]\ntype = \"influx\"\nname = \"hole\"\naddress = \"127.0.0.1:{port}\"\ntransport = \"http\"\ndatabase = \"d\"\nfreq_seconds = 0.5\ntimeout_seconds = 1\n"
+    ));
+    let served = s.serve();
+    let timed_out = [format!("no push to 127.0.0.1:{port} within 1 s"), "no answer within 1s".to_string()];
+    wait_for(LONG, "timed-out pushes and dropped batches", || {
+        let errors = sample(&served, "shmetrics_push_errors_total{pusher=\"hole\"}");
+        let dropped = log_has(
+            &served,
+            "push failed: the receiver is slower than freq_seconds: dropped the oldest of 4 waiting batches",
+        );
+        let timeout = timed_out.iter().any(|t| log_has(&served, t));
+        (errors >= 3.0 && dropped && timeout).then_some(())
+    });
+    for _ in 0..5 {
+        assert!(scrape(served.addr).contains("shmetrics_push_errors_total{pusher=\"hole\"}"));
+    }
+    assert_eq!(sample(&served, "shmetrics_pushes_total{pusher=\"hole\"}"), 0.0);
+    drop(hole);
+}
+
 // ---- uWSGI's socket format ------------------------------------------------------------------
 
 /// uWSGI's `socket` format: one `name type value` datagram per sample (counter 0, gauge 1), and
