@@ -16,6 +16,7 @@ mod layout_doc;
 mod monitor;
 mod ops;
 mod processes;
+mod push;
 mod python_compat;
 mod python_package;
 mod python_servers;
