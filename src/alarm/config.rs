@@ -479,6 +479,7 @@ mod tests {
         assert_eq!(c.fatal.as_ref().and_then(|f| f.max_crashes), Some(5));
         assert_eq!(c.metric.len(), 6, "every collector and an alias");
         assert_eq!(c.uwsgi_stats.len(), 2);
+        assert_eq!(c.push.len(), 3);
     }
 
     /// Each seconds key, in a file where it is the only mistake (`{}` is its value).
