@@ -206,7 +206,7 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_configuration() {
     write_config(&s.config, &out2, "[crash]\nactions = [\"file\"]\n");
     served.proc.signal(Signal::SIGHUP);
     util::wait_for(T, "the reload in the log", || {
-        std::fs::read_to_string(&served.log).ok().filter(|l| l.contains("alarm configuration reloaded"))
+        std::fs::read_to_string(&served.log).ok().filter(|l| l.contains("configuration reloaded"))
     });
     let wl = util::workload(&s.dir, &["--workers", "1", "--series", "1", "--hold"]);
     kill(wl.pids[0], Signal::SIGKILL);
