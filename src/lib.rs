@@ -127,6 +127,8 @@ pub(crate) mod merge;
 #[cfg(feature = "aggregator")]
 pub(crate) mod parsed;
 #[cfg(feature = "aggregator")]
+pub(crate) mod pollsters;
+#[cfg(feature = "aggregator")]
 pub(crate) mod procs;
 #[cfg(feature = "aggregator")]
 pub(crate) mod push;

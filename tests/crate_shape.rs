@@ -94,6 +94,7 @@ const LAYERS: &[&str] = &[
     "aggregator",
     "derived",
     "job",
+    "pollsters",
     "health",
     "uwsgi_stats",
     "push",

@@ -88,6 +88,11 @@ pub struct AlarmConfig {
     /// uWSGI stats servers to poll.
     #[serde(default)]
     pub uwsgi_stats: Vec<crate::uwsgi_stats::StatsSpec>,
+    /// System pollsters (procagent's; node_exporter's names).
+    pub pollsters: Option<crate::pollsters::PollstersSpec>,
+    /// URLs to check, and what to do when they fail (superlance's httpok).
+    #[serde(default)]
+    pub httpok: Vec<super::httpok::HttpokRule>,
 }
 
 fn default_check() -> Seconds {

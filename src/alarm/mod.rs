@@ -9,6 +9,7 @@
 
 pub mod action;
 pub mod config;
+pub mod httpok;
 pub mod rules;
 pub mod supervisor;
 

@@ -93,6 +93,11 @@ struct AggregatorArgs {
     /// series per pid), `job` (totals only: no series come and go with worker pids), `none`.
     #[arg(long, value_enum, default_value_t = ProcessMetricsArg::All)]
     process_metrics: ProcessMetricsArg,
+    /// Accept the monitor port's commands that change settings (`set_interval`, `set_pollsters`).
+    /// The monitor port has no authentication: without this flag, anyone who can connect to it
+    /// can only read.
+    #[arg(long)]
+    allow_control: bool,
     /// Seconds between upkeep passes: folding dead workers' files, and the view of the job
     /// (workers, readiness, memory, CPU) that health checks, perf_metrics, monitor and alarms
     /// read.

@@ -1,0 +1,1 @@
+//! SKELETON: the runtime-control state file of the pollsters; to be written.
