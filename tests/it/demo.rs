@@ -35,10 +35,6 @@ fn free_pair() -> u16 {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind").port()
-}
-
 /// Runs `bash examples/demo.sh` with `DEMO_SECONDS=1`, `WORKERS=2`, the given addresses and
 /// environment: status, stdout, stderr.
 fn demo(app: u16, metrics: u16, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
@@ -103,7 +99,7 @@ fn demo_runs_from_the_cargo_target_directory() {
     let server = examples.join("prefork_server");
     std::os::unix::fs::symlink(util::shmetrics_bin(), &shmetrics).expect("symlink");
     std::os::unix::fs::symlink(util::example_bin("prefork_server"), &server).expect("symlink");
-    let (app, metrics) = (free_port(), free_pair());
+    let (app, metrics) = (util::free_port(), free_pair());
     let env = [
         ("CARGO_TARGET_DIR", target.path().to_str().expect("utf-8")),
         ("PROFILE", profile),
@@ -119,7 +115,7 @@ fn demo_runs_from_the_cargo_target_directory() {
 #[test]
 fn demo_runs_given_binaries() {
     let elsewhere = tempfile::tempdir().expect("tempdir");
-    let (app, metrics) = (free_port(), free_pair());
+    let (app, metrics) = (util::free_port(), free_pair());
     let shmetrics = util::shmetrics_bin();
     let server = util::example_bin("prefork_server");
     let env = [
@@ -153,7 +149,7 @@ fn demo_fails_loudly() {
 
     // The metrics port is taken: `shmetrics run` refuses to start.
     let metrics = taken.local_addr().expect("addr").port();
-    let (st, out, err) = demo(free_port(), metrics, &ok_env);
+    let (st, out, err) = demo(util::free_port(), metrics, &ok_env);
     assert_eq!(st.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains(&format!("cannot listen on 127.0.0.1:{metrics}")), "{err}");
     assert!(
@@ -166,7 +162,7 @@ fn demo_fails_loudly() {
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let dir = elsewhere.path().to_str().expect("utf-8");
     let env = [("CARGO_TARGET_DIR", dir), ("PROFILE", profile), ("DEMO_BUILD", "0")];
-    let (st, out, err) = demo(free_port(), free_pair(), &env);
+    let (st, out, err) = demo(util::free_port(), free_pair(), &env);
     assert_eq!(st.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
     let profile_dir = if profile == "dev" { "debug" } else { profile };
     let missing = format!("demo.sh: error: {dir}/{profile_dir}/shmetrics is not an executable file");
@@ -176,7 +172,7 @@ fn demo_fails_loudly() {
     // Half of the binaries given.
     let shmetrics = util::shmetrics_bin();
     let (st, _, err) =
-        demo(free_port(), free_pair(), &[("SHMETRICS_BIN", shmetrics.to_str().expect("utf-8"))]);
+        demo(util::free_port(), free_pair(), &[("SHMETRICS_BIN", shmetrics.to_str().expect("utf-8"))]);
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("demo.sh: error: set both SHMETRICS_BIN and SERVER_BIN"), "{err}");
     drop(taken);

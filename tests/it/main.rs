@@ -22,6 +22,7 @@ mod python_package;
 mod python_servers;
 mod robustness;
 mod run_cmd;
+mod service;
 mod supervisor;
 mod text_dir;
 mod typed_metrics;

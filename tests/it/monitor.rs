@@ -118,10 +118,6 @@ fn still_open_and_silent(s: &mut TcpStream, wait: Duration) -> bool {
     r
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// A `prefork_server` (ready workers) started directly with `SHMETRICS_DIR`, in its own process
 /// group (killed whole on drop if still running).
 struct Prefork {
@@ -803,7 +799,7 @@ fn ctl_exit_codes() {
     assert_eq!((code(&o), out(&o).as_str()), (2, "Invalid command 'frobnicate'\nTry \"help\".\n"));
 
     // Nothing listening: 3, and the message names the address.
-    let port = free_port();
+    let port = util::free_port();
     let nobody: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let o = ctl(nobody, &["health_check"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -921,7 +917,7 @@ impl Haproxy {
             });
         let tmp = agg.tmp.path();
         let sock = tmp.join("haproxy.sock");
-        let frontend = free_port();
+        let frontend = util::free_port();
         let cfg_path = tmp.join("haproxy.cfg");
         std::fs::write(&cfg_path, render_haproxy_cfg(&sock, frontend, app, agg.monitor)).expect("write cfg");
 
@@ -955,7 +951,7 @@ impl Haproxy {
 #[test]
 fn haproxy_checks_the_monitor_port() {
     let agg = Agg::start(&[], &[]);
-    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
     let (mut hx, through) = Haproxy::start(&agg, app);
 
     // Booting: the check reads "Instance is booting", no "OK": DOWN.
@@ -990,7 +986,7 @@ fn haproxy_checks_the_monitor_port() {
 #[test]
 fn haproxy_keeps_a_healthy_server_up_under_a_slot_hog() {
     let agg = Agg::start(&[], &[]);
-    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
     let (hx, through) = Haproxy::start(&agg, app);
     let _app = Prefork::start(&agg.dir, &app.to_string(), 2);
     agg.wait_health("OK");

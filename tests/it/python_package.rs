@@ -74,7 +74,7 @@ fn start(server: Server, setup: &Setup, run_opts: &[&str]) -> (RunProc, SocketAd
     let site = require_package();
     let root = ps::root();
     let app_dir = root.join("tests/python");
-    let app: SocketAddr = format!("127.0.0.1:{}", ps::free_port()).parse().expect("addr");
+    let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
     let bind = app.to_string();
     let config = setup.path("shmetrics.toml");
     let mut args = vec!["run", "--config", &config, "--upkeep-interval", "0.2"];

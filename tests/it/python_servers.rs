@@ -76,14 +76,8 @@ pub(crate) fn require_gunicorn() -> PathBuf {
     bin
 }
 
-/// `uwsgi` with its python3 plugin (Debian's packages), and the site-packages directory holding
-/// `$SHMETRICS_TEST_PYTHON`'s prometheus_client, for uWSGI's `--pythonpath`.
-///
-/// Why `pythonpath` and not `virtualenv`: the plugin embeds Debian's python3.11, and a venv made
-/// by another Python build (pyenv's, on CI) cannot be its `virtualenv` (`home`): uWSGI would load
-/// that build's standard library and its C extensions fail to load (`_ssl`: undefined symbol).
-/// prometheus_client is pure Python, so adding the venv's site-packages to the path is enough.
-pub(crate) fn require_uwsgi() -> (String, String) {
+/// Fails with how to install them unless Debian's uWSGI and its Python 3 plugin are here.
+pub(crate) fn require_uwsgi_plugin() {
     let hint = "install Debian's uWSGI and its Python 3 plugin: \
                 `apt-get install -y uwsgi uwsgi-plugin-python3` (or run `bash .ci/run`)";
     let out = Command::new("uwsgi")
@@ -92,6 +86,18 @@ pub(crate) fn require_uwsgi() -> (String, String) {
         .unwrap_or_else(|e| panic!("cannot run uwsgi: {e}; {hint}"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !text.contains("UNABLE to load"), "uwsgi python3 plugin: {text}\n{hint}");
+}
+
+/// `uwsgi` with its python3 plugin (Debian's packages), and the site-packages directory holding
+/// `$SHMETRICS_TEST_PYTHON`'s prometheus_client, for uWSGI's `--pythonpath`.
+///
+/// Why `pythonpath` and not `virtualenv`: the plugin embeds Debian's python3.11, and a venv made
+/// by another Python build (pyenv's, on CI) cannot be its `virtualenv` (`home`): uWSGI would load
+/// that build's standard library and its C extensions fail to load (`_ssl`: undefined symbol).
+/// prometheus_client is pure Python, so adding the venv's site-packages to the path is enough.
+/// ([`require_uwsgi_plugin`] first.)
+pub(crate) fn require_uwsgi() -> (String, String) {
+    require_uwsgi_plugin();
     let site = python_says(
         "import os, prometheus_client; print(os.path.dirname(os.path.dirname(prometheus_client.__file__)))",
         &venv_hint(),
@@ -105,11 +111,6 @@ pub(crate) fn root() -> PathBuf {
 
 pub(crate) fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,7 +405,7 @@ fn start_gunicorn(run_opts: &[&str], gunicorn_opts: &[&str], xdg: &Path) -> (Run
     let root = root();
     let conf = root.join("conf/gunicorn.conf.py");
     let app_dir = root.join("tests/python");
-    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
     let bind = app.to_string();
     let workers = WORKERS.to_string();
     let mut args = vec!["run"];
@@ -433,7 +434,7 @@ fn start_gunicorn(run_opts: &[&str], gunicorn_opts: &[&str], xdg: &Path) -> (Run
 fn start_uwsgi(run_opts: &[&str], uwsgi_opts: &[&str], xdg: &Path) -> (RunProc, SocketAddr) {
     let (uwsgi, site) = require_uwsgi();
     let conf = root().join("conf/uwsgi.ini");
-    let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
     let bind = app.to_string();
     let mut args = vec!["run"];
     args.extend_from_slice(run_opts);

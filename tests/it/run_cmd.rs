@@ -443,11 +443,6 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// A free port on 127.0.0.1 (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind").port()
-}
-
 /// `GET /` from the bundled pre-fork server: its answer, `hello from <pid>`.
 fn hello(port: u16) -> String {
     let r = util::http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/", &[]);
@@ -460,7 +455,7 @@ fn a_sigkilled_run_takes_its_application_along_and_the_next_start_cleans_up() {
     let x = xdg();
     let env = [("XDG_RUNTIME_DIR", path_str(x.path()))];
     let server = util::example_bin("prefork_server");
-    let port = free_port();
+    let port = util::free_port();
     let listen = format!("127.0.0.1:{port}");
     let args = ["run", "--", path_str(&server), "--listen", &listen, "--workers", "2"];
     let mut first = spawn_run(&args, &env);

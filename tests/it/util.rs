@@ -23,6 +23,11 @@ pub fn shmetrics_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shmetrics"))
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot be told port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind").port()
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

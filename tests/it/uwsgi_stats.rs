@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::python_servers::{free_port, try_get};
+use crate::python_servers::try_get;
 use crate::util;
 
 const T: Duration = Duration::from_secs(20);
@@ -23,19 +23,6 @@ const APP: &str = "def application(environ, start_response):\n    \
     start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', '2')])\n    \
     return [b'ok']\n";
 
-/// Fails with instructions when Debian's uWSGI or its python3 plugin is missing: this test must
-/// not pass silently.
-fn require_uwsgi() {
-    let hint = "install Debian's uWSGI and its Python 3 plugin: \
-                `apt-get install -y uwsgi uwsgi-plugin-python3` (or run `bash .ci/run`)";
-    let out = Command::new("uwsgi")
-        .args(["--plugin", "python3", "--version"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run uwsgi: {e}; {hint}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("UNABLE to load"), "uwsgi python3 plugin: {text}\n{hint}");
-}
-
 /// A running uWSGI: master and `WORKERS` workers on an HTTP port, its stats server at `stats`.
 struct Uwsgi {
     proc: util::Proc,
@@ -45,10 +32,10 @@ struct Uwsgi {
 
 impl Uwsgi {
     fn start(tmp: &Path, stats: &str, extra: &[&str]) -> Uwsgi {
-        require_uwsgi();
+        crate::python_servers::require_uwsgi_plugin();
         let app_py = tmp.join("app.py");
         std::fs::write(&app_py, APP).expect("app.py");
-        let app: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let app: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().expect("addr");
         let log = tmp.join("uwsgi.log");
         let (a, w, n) = (app.to_string(), app_py.to_str().expect("utf-8").to_string(), WORKERS.to_string());
         let mut args: Vec<&str> = vec![
@@ -170,7 +157,7 @@ fn wait_requests(served: &util::Served, stats: &str, n: usize) -> std::collectio
 #[test]
 fn uwsgi_stats_on_tcp_counts_every_request_then_goes_down() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let stats = format!("127.0.0.1:{}", free_port());
+    let stats = format!("127.0.0.1:{}", util::free_port());
     let mut uwsgi = Uwsgi::start(tmp.path(), &stats, &[]);
     let served = serve(
         tmp.path(),
@@ -240,7 +227,7 @@ fn uwsgi_stats_on_a_unix_socket() {
 #[test]
 fn uwsgi_stats_http() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let stats = format!("127.0.0.1:{}", free_port());
+    let stats = format!("127.0.0.1:{}", util::free_port());
     let mut uwsgi = Uwsgi::start(tmp.path(), &stats, &["--stats-http"]);
     // The same server twice: asked over HTTP it answers, asked plainly it waits for a request.
     let served = serve(
