@@ -30,6 +30,7 @@ mod families;
 pub mod filesystem;
 pub mod loadavg;
 pub mod meminfo;
+mod monotonic;
 pub mod netdev;
 pub mod state;
 
