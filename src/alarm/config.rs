@@ -364,6 +364,7 @@ impl AlarmConfig {
         crate::derived::check(&self.metric).map_err(Error::Config)?;
         crate::uwsgi_stats::check(&self.uwsgi_stats).map_err(Error::Config)?;
         crate::push::check_all(&self.push).map_err(Error::Config)?;
+        super::httpok::check(&self.httpok, &self.actions).map_err(Error::Config)?;
         let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
         if let Some(c) = &self.crash {
             refs.push(("[crash]", &c.actions));
