@@ -330,3 +330,93 @@ fn serve_refuses_a_signal_without_a_pidfile_at_start() {
         "{err}"
     );
 }
+
+/// A WSGI application for gunicorn: `/health` hangs (30 s) while the file `$HTTPOK_CONTROL` says
+/// `hang`, and every answer is the pid of the worker that gave it.
+const WSGI_APP: &str = r#"
+import os, time
+CONTROL = os.environ["HTTPOK_CONTROL"]
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/health":
+        try:
+            with open(CONTROL) as f:
+                hang = f.read().strip() == "hang"
+        except FileNotFoundError:
+            hang = False
+        if hang:
+            time.sleep(5)
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+#[test]
+fn gunicorn_hung_workers_are_replaced_by_a_graceful_reload() {
+    use crate::python_servers as ps;
+    let gunicorn = ps::require_gunicorn();
+    let s = setup();
+    let app_dir = s.tmp.path().join("wsgi");
+    std::fs::create_dir(&app_dir).expect("mkdir");
+    std::fs::write(app_dir.join("hangapp.py"), WSGI_APP).expect("app");
+    let health = s.url("/health");
+    s.config(&format!(
+        "[[httpok]]\nurl = \"{health}\"\ninterval_seconds = 0.2\ntimeout_seconds = 0.5\nstart_seconds = 4\n\
+         failures = 2\nsignal = \"SIGHUP\"\ngrace_seconds = 600\nactions = [\"file\"]\n"
+    ));
+    let bind = format!("127.0.0.1:{}", s.port);
+    let pidfile = s.pidfile.to_str().expect("utf-8").to_string();
+    let args = [
+        "run",
+        "--dir",
+        ps::s(&s.dir),
+        "--config",
+        ps::s(&s.config),
+        "--",
+        ps::s(&gunicorn),
+        "--workers",
+        "2",
+        "--bind",
+        &bind,
+        "--graceful-timeout",
+        "1",
+        "--pid",
+        &pidfile,
+        "--chdir",
+        ps::s(&app_dir),
+        "hangapp:app",
+    ];
+    let control = s.control.to_str().expect("utf-8");
+    let served = util::spawn_shmetrics(&args, &[("HTTPOK_CONTROL", control)], s.tmp.path());
+    let master = s.app_pid();
+    wait_ok(served.addr, &health, 1.0);
+    let old = util::wait_for(T, "two workers", || {
+        let w = ps::children_of(master);
+        (w.len() == 2).then_some(w)
+    });
+    std::fs::write(&s.control, "hang").expect("control");
+    util::wait_for(T, "the signal", || {
+        let m = metrics(served.addr);
+        (get(&m, &format!("shmetrics_httpok_signals_total{{url=\"{health}\"}}")) == 1.0).then_some(())
+    });
+    std::fs::write(&s.control, "").expect("control");
+    let m = wait_ok(served.addr, &health, 2.0);
+    // The master reloaded gracefully: same master, two new workers, none of the hung ones left.
+    let new = util::wait_for(T, "two new workers, the hung ones gone", || {
+        let w = ps::children_of(master);
+        (w.len() == 2 && w.iter().all(|p| !old.contains(p))).then_some(w)
+    });
+    assert_eq!(s.app_pid(), master);
+    let (status, body) = ps::try_get(([127, 0, 0, 1], s.port).into(), "/").expect("GET /");
+    assert_eq!(status, 200);
+    let answered: i32 = body.trim().parse().expect("pid");
+    assert!(new.contains(&answered), "answered by {answered}, workers {new:?}");
+    assert!(checks(&m, &health, "timeout") >= 2.0, "{m:?}");
+    assert_eq!(checks(&m, &health, "connect_error"), 0.0);
+    assert_eq!(get(&m, &format!("shmetrics_httpok_signals_total{{url=\"{health}\"}}")), 1.0);
+    let text = util::wait_for(T, "the alarm", || {
+        let a = s.alarms();
+        a.contains("in a row").then_some(a)
+    });
+    assert!(text.contains(&format!("; sent SIGHUP to pid {master}")), "{text}");
+}
