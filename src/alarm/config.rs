@@ -486,6 +486,8 @@ mod tests {
         assert_eq!(c.metric.len(), 6, "every collector and an alias");
         assert_eq!(c.uwsgi_stats.len(), 2);
         assert_eq!(c.push.len(), 3);
+        assert_eq!(c.httpok.len(), 1);
+        assert_eq!(c.httpok[0].failures, crate::alarm::httpok::Failures(3));
     }
 
     /// Each seconds key, in a file where it is the only mistake (`{}` is its value).
