@@ -125,7 +125,7 @@ impl Exchange<'_> {
                         got.extend_from_slice(&data[..data.len().min(room)]);
                     }
                 }
-                // A body cut short is what was read of it (as `collect` above gives nothing).
+                // A body cut short counts as what was read of it.
                 Some(Err(_)) | None => break,
             }
         }

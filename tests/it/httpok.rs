@@ -305,6 +305,22 @@ fn a_refused_connection_signals_the_pid_files_process_under_serve() {
     assert!(log.contains("has signal = \"SIGUSR1\" but nothing to send it to"), "{log}");
     let before = checks(&metrics(served.addr), &url, "ok");
     wait_ok(served.addr, &url, before + 2.0);
+
+    // A changed rule restarts with its counters kept; a removed one's series go.
+    s.config(&rules.replace("timeout_seconds = 1\n", "timeout_seconds = 2\n"));
+    served.proc.signal(Signal::SIGHUP);
+    util::wait_for(T, "the reload in the log", || {
+        std::fs::read_to_string(&served.log).ok().filter(|l| l.contains("configuration reloaded"))
+    });
+    let before = checks(&metrics(served.addr), &url, "ok");
+    let m = wait_ok(served.addr, &url, before + 2.0);
+    assert_eq!(checks(&m, &url, "connect_error"), refused);
+    assert_eq!(get(&m, &format!("shmetrics_httpok_signals_total{{url=\"{url}\"}}")), 1.0);
+    s.config("");
+    served.proc.signal(Signal::SIGHUP);
+    util::wait_for(T, "the httpok series to go", || {
+        (!util::scrape(served.addr).contains("shmetrics_httpok_")).then_some(())
+    });
     drop(app);
 }
 
