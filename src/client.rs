@@ -62,30 +62,75 @@ async fn send_inner(
     let stream = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| format!("connecting to {}: {e}", authority.as_str()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("{method} {url}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let mut req = Request::builder()
-        .method(method.clone())
-        .uri(path)
-        .header(hyper::header::HOST, authority.as_str())
-        .header(hyper::header::USER_AGENT, user_agent);
-    let bytes = match body {
-        Some(b) => {
-            req = req.header(hyper::header::CONTENT_TYPE, b.content_type);
-            b.bytes
+    let request =
+        Exchange { method, authority: authority.as_str(), path: &path, user_agent, body_limit: None };
+    request.run(stream, body).await.map_err(|e| format!("{} {url}: {e}", request.method))
+}
+
+/// One request on a connected stream, for a caller that connects by itself
+/// ([`crate::alarm::httpok`] resolves host names its own way and tells a refused connection from
+/// a timeout).
+pub(crate) struct Exchange<'a> {
+    /// The method.
+    pub method: Method,
+    /// The `Host` header (`host:port` as written in the URL).
+    pub authority: &'a str,
+    /// The path and query (`/health?x=1`).
+    pub path: &'a str,
+    /// The `User-Agent` header.
+    pub user_agent: &'a str,
+    /// Read at most this many bytes of the body (the rest is left unread); `None`: all of it.
+    pub body_limit: Option<usize>,
+}
+
+impl Exchange<'_> {
+    /// Sends the request and reads the answer. Errors are hyper's, one line, without the URL.
+    pub(crate) async fn run(
+        &self,
+        stream: tokio::net::TcpStream,
+        body: Option<Body<'_>>,
+    ) -> Result<Answer, String> {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path)
+            .header(hyper::header::HOST, self.authority)
+            .header(hyper::header::USER_AGENT, self.user_agent);
+        let bytes = match body {
+            Some(b) => {
+                req = req.header(hyper::header::CONTENT_TYPE, b.content_type);
+                b.bytes
+            }
+            None => Vec::new(),
+        };
+        let req = req.body(Full::new(Bytes::from(bytes))).map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let Some(limit) = self.body_limit else {
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Ok(Answer { status, body });
+        };
+        let mut got = Vec::new();
+        while got.len() < limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let room = limit - got.len();
+                        got.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                // A body cut short counts as what was read of it.
+                Some(Err(_)) | None => break,
+            }
         }
-        None => Vec::new(),
-    };
-    let req = req.body(Full::new(Bytes::from(bytes))).map_err(|e| format!("{method} {url}: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("{method} {url}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Ok(Answer { status, body })
+        Ok(Answer { status, body: Bytes::from(got) })
+    }
 }
 
 #[cfg(test)]

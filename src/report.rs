@@ -302,7 +302,8 @@ pub fn alarm_families(alarms: &Alarms) -> Vec<SnapFamily> {
     let pairs = |v: &[(&str, &str)]| {
         Arc::new(LabelSet::new(v.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
     };
-    let kinds = [EventKind::Crash, EventKind::Fatal, EventKind::Memory, EventKind::Threshold];
+    let kinds =
+        [EventKind::Crash, EventKind::Fatal, EventKind::Memory, EventKind::Threshold, EventKind::Httpok];
     let actions = &alarms.actions;
     let mut out = Vec::new();
     let mut fired = Vec::new();

@@ -546,16 +546,20 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, http: bool) -> Re
 /// A look-up of a host name in flight: kept across polls when it outlives a poll's timeout.
 type Lookup = tokio::task::JoinHandle<std::io::Result<Vec<std::net::SocketAddr>>>;
 
-/// The state a poller keeps between polls.
+/// The state a poller keeps between polls (also httpok's checkers': [`crate::alarm::httpok`]).
 #[derive(Default)]
-struct Conn {
+pub(crate) struct Conn {
     lookup: Option<Lookup>,
 }
 
 impl Conn {
     /// The addresses of `host:port`: an IP address at once, a name through the resolver (one
     /// look-up in flight at most, see the module doc).
-    async fn resolve(&mut self, host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, String> {
+    pub(crate) async fn resolve(
+        &mut self,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<std::net::SocketAddr>, String> {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
             return Ok(vec![std::net::SocketAddr::new(ip, port)]);
         }

@@ -418,7 +418,7 @@ pub fn json_body(events: &[Event]) -> Value {
 pub fn severity(kind: EventKind) -> &'static str {
     match kind {
         EventKind::Fatal => "critical",
-        EventKind::Crash | EventKind::Memory | EventKind::Threshold => "warning",
+        EventKind::Crash | EventKind::Memory | EventKind::Threshold | EventKind::Httpok => "warning",
     }
 }
 

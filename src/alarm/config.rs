@@ -364,6 +364,7 @@ impl AlarmConfig {
         crate::derived::check(&self.metric).map_err(Error::Config)?;
         crate::uwsgi_stats::check(&self.uwsgi_stats).map_err(Error::Config)?;
         crate::push::check_all(&self.push).map_err(Error::Config)?;
+        super::httpok::check(&self.httpok, &self.actions).map_err(Error::Config)?;
         let mut refs: Vec<(&str, &Vec<String>)> = Vec::new();
         if let Some(c) = &self.crash {
             refs.push(("[crash]", &c.actions));
@@ -485,6 +486,8 @@ mod tests {
         assert_eq!(c.metric.len(), 6, "every collector and an alias");
         assert_eq!(c.uwsgi_stats.len(), 2);
         assert_eq!(c.push.len(), 3);
+        assert_eq!(c.httpok.len(), 1);
+        assert_eq!(c.httpok[0].failures, crate::alarm::httpok::Failures(3));
     }
 
     /// Each seconds key, in a file where it is the only mistake (`{}` is its value).

@@ -1,10 +1,11 @@
-//! Supervision alarms: crash, fatal, memory and threshold (superlance + uWSGI metric alarms).
+//! Supervision alarms: crash, fatal, memory, threshold and httpok (superlance + uWSGI metric
+//! alarms).
 //!
 //! The aggregator already sees every worker's file, liveness and memory, so it is the one place
-//! that raises these alarms. [`rules`] turns what it sees into [`Event`]s; the [`Pipeline`] keeps
-//! the recent ones, counts them, and hands them to [`action`], which delivers them (a command with
-//! the message on stdin, a webhook, the log) with batching, timeouts and retries, on its own tasks
-//! so a slow or failing action never delays a scrape. [`supervisor`] feeds supervisord's process
+//! that raises these alarms. [`rules`] turns what it sees into [`Event`]s, and [`httpok`] what a
+//! URL answers; the [`Pipeline`] keeps the recent ones, counts them, and hands them to [`action`],
+//! which delivers them (a command with the message on stdin, a webhook, the log) with batching,
+//! timeouts and retries, on its own tasks so a slow or failing action never delays a scrape. [`supervisor`] feeds supervisord's process
 //! events into the same pipeline.
 
 pub mod action;
@@ -36,6 +37,8 @@ pub enum EventKind {
     Memory,
     /// A merged series crossed a threshold.
     Threshold,
+    /// A URL checked by `[[httpok]]` failed too many times in a row (superlance's httpok).
+    Httpok,
 }
 
 impl EventKind {
@@ -46,6 +49,7 @@ impl EventKind {
             EventKind::Fatal => "fatal",
             EventKind::Memory => "memory",
             EventKind::Threshold => "threshold",
+            EventKind::Httpok => "httpok",
         }
     }
 }

@@ -30,6 +30,22 @@ use crate::merge::Snapshot;
 use crate::procs::ProcStats;
 use crate::samples;
 
+/// Sends `sig` to `pid` and says what happened, for an alarm's message: `sent SIGTERM to pid 12`,
+/// or `could not send SIGTERM to pid 12: ESRCH: No such process`. Shared by the memory rules and
+/// httpok ([`super::httpok`]), which both signal a process in trouble.
+pub(crate) fn send_signal(pid: i32, sig: nix::sys::signal::Signal) -> Result<String, String> {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) => Ok(format!("sent {sig} to pid {pid}")),
+        Err(e) => Err(format!("could not send {sig} to pid {pid}: {e}")),
+    }
+}
+
+/// Whether an act (a signal, an alarm) at `last` still holds back another one at `now`: the grace
+/// period of memory rules and httpok.
+pub(crate) fn in_grace(last: Option<Instant>, now: Instant, grace: Duration) -> bool {
+    last.is_some_and(|t| now.duration_since(t) < grace)
+}
+
 /// State kept across checks (and across configuration reloads).
 #[derive(Default)]
 pub struct Detector {
@@ -146,7 +162,7 @@ impl Detector {
             };
             for (p, value) in over {
                 let key = (i, if rule.scope == Scope::Job { 0 } else { p.pid });
-                if self.memory_last.get(&key).is_some_and(|t| now.duration_since(*t) < grace) {
+                if in_grace(self.memory_last.get(&key).copied(), now, grace) {
                     pipeline.suppressed(EventKind::Memory);
                     continue;
                 }
@@ -169,11 +185,8 @@ impl Detector {
                     ),
                 };
                 if let Some(sig) = rule.signal.map(|s| s.0) {
-                    let sent = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig);
-                    msg.push_str(&match sent {
-                        Ok(()) => format!("; sent {sig} to pid {}", p.pid),
-                        Err(e) => format!("; could not send {sig} to pid {}: {e}", p.pid),
-                    });
+                    let (Ok(note) | Err(note)) = send_signal(p.pid, sig);
+                    msg.push_str(&format!("; {note}"));
                 }
                 let ev = Event::now(EventKind::Memory, subject, msg, &rule.actions)
                     .label("pid", p.pid.to_string())

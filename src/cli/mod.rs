@@ -58,8 +58,8 @@ struct AggregatorArgs {
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
     /// Configuration file (TOML; see conf/shmetrics.toml): alarms, derived metrics ([[metric]]),
-    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]). Reloaded on SIGHUP; a bad
-    /// file is refused and the configuration in force kept.
+    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]), URL checks ([[httpok]]).
+    /// Reloaded on SIGHUP; a bad file is refused and the configuration in force kept.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Keep one file per merged series in DIR, holding its current value, refreshed every second
@@ -222,14 +222,20 @@ struct Servers {
     alarms: Option<std::sync::Arc<crate::alarm::Pipeline>>,
     pushers: std::sync::Arc<crate::push::Pushers>,
     uwsgi: std::sync::Arc<crate::uwsgi_stats::Pollers>,
+    httpok: std::sync::Arc<crate::alarm::httpok::Checkers>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Servers {
-    /// Binds both ports (a clear error if one is taken) and starts everything.
-    async fn start(agg: crate::aggregator::Aggregator, args: &AggregatorArgs) -> anyhow::Result<Servers> {
+    /// Binds both ports (a clear error if one is taken) and starts everything. `child`: under
+    /// `shmetrics run`, the handle `run` fills with its command's pid (httpok's signal target).
+    async fn start(
+        agg: crate::aggregator::Aggregator,
+        args: &AggregatorArgs,
+        child: Option<std::sync::Arc<crate::alarm::httpok::ChildPid>>,
+    ) -> anyhow::Result<Servers> {
         use anyhow::Context;
         // Checked (and locked) before anything is served: a hostile --text-dir is refused at start.
         let text_dir =
@@ -242,12 +248,18 @@ impl Servers {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
         let config = args.config.as_deref().map(crate::alarm::AlarmConfig::load).transpose()?;
+        if let (Some(c), Some(path)) = (&config, &args.config) {
+            crate::alarm::httpok::check_targets(&c.httpok, child.is_some())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         let job = crate::job::Job::new(agg, args.upkeep());
         let sections = config.clone().unwrap_or_default();
         job.set_derived(sections.metric.clone());
         let pushers = crate::push::Pushers::start(&job, &sections.push);
         let uwsgi = crate::uwsgi_stats::Pollers::start(&job, &sections.uwsgi_stats);
         let alarms = config.map(crate::alarm::Pipeline::start);
+        let httpok = crate::alarm::httpok::Checkers::start(&job, alarms.clone(), child, &sections.httpok)
+            .map_err(anyhow::Error::msg)?;
         let process_metrics = match args.process_metrics {
             ProcessMetricsArg::All => crate::report::ProcessMetrics::All,
             ProcessMetricsArg::Job => crate::report::ProcessMetrics::Job,
@@ -273,7 +285,7 @@ impl Servers {
             background.push(tokio::spawn(crate::textdir::run(job.clone(), dir)));
         }
         let config = args.config.clone();
-        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, config })
+        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, httpok, config })
     }
 
     /// Reloads the configuration file (SIGHUP). A bad file is refused with an error in the log,
@@ -283,7 +295,15 @@ impl Servers {
         let (Some(p), Some(path)) = (&self.alarms, &self.config) else { return };
         match crate::alarm::AlarmConfig::load(path) {
             Ok(c) => {
+                // Checked before anything changes: a rule without a target refuses the whole file.
+                if let Err(e) = self.httpok.check(&c.httpok) {
+                    tracing::error!("{}: {e}; keeping the configuration in force", path.display());
+                    return;
+                }
                 self.job.set_derived(c.metric.clone());
+                if let Err(e) = self.httpok.reload(&c.httpok) {
+                    tracing::error!("{}: {e}", path.display());
+                }
                 self.pushers.reload(&c.push);
                 self.uwsgi.reload(&c.uwsgi_stats);
                 p.reload(c);

@@ -62,7 +62,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         for sig in FORWARDED {
             streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
         }
-        let servers = Servers::start(agg, &args.agg).await?;
+        // httpok's signal target: filled in once the command runs, emptied when it has exited.
+        let child_pid = std::sync::Arc::new(crate::alarm::httpok::ChildPid::default());
+        let servers = Servers::start(agg, &args.agg, Some(std::sync::Arc::clone(&child_pid))).await?;
         let addr = servers.http_addr;
         let (program, rest) = args.command.split_first().context("no command given after --")?;
         let mut command = tokio::process::Command::new(program);
@@ -83,6 +85,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         // After the spawn: the command keeps the limit it would have had without us.
         super::raise_open_files_limit();
         let pid = child.id().context("child has no pid")?;
+        child_pid.set(pid);
         tracing::info!(
             "serving http://{addr}/metrics for {} (pid {pid}, SHMETRICS_DIR={})",
             program,
@@ -101,7 +104,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         let status = loop {
             tokio::select! {
-                st = child.wait() => break st.context("waiting for the child")?,
+                st = child.wait() => {
+                    child_pid.clear();
+                    break st.context("waiting for the child")?;
+                }
                 Some(sig) = rx.recv() => {
                     if sig == Signal::SIGHUP {
                         // Ours too: reload the alarm configuration (the child reloads its own).

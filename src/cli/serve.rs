@@ -16,7 +16,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut int = signal(SignalKind::interrupt())?;
         // Before anything is announced: SIGHUP's default action would end the process.
         let mut hup = signal(SignalKind::hangup())?;
-        let servers = Servers::start(agg, &args.agg).await?;
+        let servers = Servers::start(agg, &args.agg, None).await?;
         tracing::info!("serving http://{}/metrics for {}", servers.http_addr, args.dir.display());
         loop {
             tokio::select! {

@@ -12,6 +12,7 @@ mod formats;
 mod full_disk;
 mod hostile;
 mod http_limits;
+mod httpok;
 mod layout_doc;
 mod monitor;
 mod ops;
