@@ -103,6 +103,10 @@ struct AggregatorArgs {
     /// read.
     #[arg(long, default_value = "1", value_parser = positive_secs)]
     upkeep_interval: Duration,
+    /// Not an option: set by `run` when it uses a private directory removed at exit (runtime
+    /// changes cannot outlive it; the monitor port's replies say so).
+    #[arg(skip)]
+    private_dir: bool,
 }
 
 /// `--process-metrics`.
@@ -222,6 +226,7 @@ struct Servers {
     alarms: Option<std::sync::Arc<crate::alarm::Pipeline>>,
     pushers: std::sync::Arc<crate::push::Pushers>,
     uwsgi: std::sync::Arc<crate::uwsgi_stats::Pollers>,
+    pollsters: std::sync::Arc<crate::pollsters::Pollsters>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -242,18 +247,28 @@ impl Servers {
             format!("cannot listen on {mon_addr} (use --monitor to pick another address)")
         })?;
         let config = args.config.as_deref().map(crate::alarm::AlarmConfig::load).transpose()?;
+        let (dir, trust) = (agg.dir().to_path_buf(), agg.trust());
         let job = crate::job::Job::new(agg, args.upkeep());
         let sections = config.clone().unwrap_or_default();
         job.set_derived(sections.metric.clone());
         let pushers = crate::push::Pushers::start(&job, &sections.push);
         let uwsgi = crate::uwsgi_stats::Pollers::start(&job, &sections.uwsgi_stats);
+        let spec = sections.pollsters.as_ref();
+        let pollsters = crate::pollsters::Pollsters::start(&job, &dir, &trust, spec, args.private_dir);
+        let control = crate::server::Control { pollsters: pollsters.clone(), allow: args.allow_control };
         let alarms = config.map(crate::alarm::Pipeline::start);
         let process_metrics = match args.process_metrics {
             ProcessMetricsArg::All => crate::report::ProcessMetrics::All,
             ProcessMetricsArg::Job => crate::report::ProcessMetrics::Job,
             ProcessMetricsArg::None => crate::report::ProcessMetrics::None,
         };
-        let state = crate::server::State::new(job.clone(), args.health(), process_metrics, alarms.clone());
+        let state = crate::server::State::new(
+            job.clone(),
+            args.health(),
+            process_metrics,
+            alarms.clone(),
+            Some(control),
+        );
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -273,7 +288,7 @@ impl Servers {
             background.push(tokio::spawn(crate::textdir::run(job.clone(), dir)));
         }
         let config = args.config.clone();
-        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, config })
+        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, pollsters, config })
     }
 
     /// Reloads the configuration file (SIGHUP). A bad file is refused with an error in the log,
@@ -286,6 +301,7 @@ impl Servers {
                 self.job.set_derived(c.metric.clone());
                 self.pushers.reload(&c.push);
                 self.uwsgi.reload(&c.uwsgi_stats);
+                self.pollsters.reload(c.pollsters.as_ref());
                 p.reload(c);
                 tracing::info!(config = %path.display(), "configuration reloaded");
             }

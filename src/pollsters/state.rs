@@ -152,11 +152,6 @@ impl Store {
         Store { dir: dir.to_path_buf(), recorded }
     }
 
-    /// The file's path.
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
-    }
-
     /// The settings in force given the configuration file's `file`. Changes made against another
     /// value of their key than `file`'s are dropped (the file changed that key since): returns
     /// whether any was, and so whether the state file needs saving.
@@ -222,7 +217,8 @@ fn read(path: &Path, trust: &Trust) -> Result<Option<Recorded>, String> {
     if bytes.len() as u64 > MAX_BYTES {
         return Err(format!("more than the {MAX_BYTES} bytes a state file may have"));
     }
-    let r: Recorded = serde_json::from_slice(&bytes).map_err(|e| format!("not a pollsters state file: {e}"))?;
+    let r: Recorded =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a pollsters state file: {e}"))?;
     check(&r)?;
     Ok(Some(r))
 }
@@ -264,7 +260,11 @@ mod tests {
         assert_eq!(
             s.apply(&base),
             (
-                Effective { settings: file(10, &[Cpu, Loadavg]), interval_changed: false, enabled_changed: false },
+                Effective {
+                    settings: file(10, &[Cpu, Loadavg]),
+                    interval_changed: false,
+                    enabled_changed: false
+                },
                 false
             )
         );
@@ -276,7 +276,11 @@ mod tests {
 
         // A restart with the same file: both changes in force.
         let mut s = Store::load(d.path(), &trust());
-        let both = Effective { settings: file(2, &[Meminfo, Filesystem]), interval_changed: true, enabled_changed: true };
+        let both = Effective {
+            settings: file(2, &[Meminfo, Filesystem]),
+            interval_changed: true,
+            enabled_changed: true,
+        };
         assert_eq!(s.apply(&base), (both.clone(), false));
         // The file lists the same set in another order: not a change of the file.
         assert_eq!(s.apply(&file(10, &[Cpu, Loadavg])), (both, false));
@@ -285,7 +289,10 @@ mod tests {
         let edited = file(10, &[Cpu]);
         let (e, dropped) = s.apply(&edited);
         assert!(dropped);
-        assert_eq!(e, Effective { settings: file(2, &[Cpu]), interval_changed: true, enabled_changed: false });
+        assert_eq!(
+            e,
+            Effective { settings: file(2, &[Cpu]), interval_changed: true, enabled_changed: false }
+        );
         s.save().unwrap();
         let text = std::fs::read_to_string(d.path().join(FILE)).unwrap();
         assert_eq!(
@@ -300,7 +307,11 @@ mod tests {
         s.set_interval(&base, Seconds::from_secs(10));
         assert_eq!(
             s.apply(&base).0,
-            Effective { settings: file(10, &[Cpu, Loadavg]), interval_changed: false, enabled_changed: false }
+            Effective {
+                settings: file(10, &[Cpu, Loadavg]),
+                interval_changed: false,
+                enabled_changed: false
+            }
         );
     }
 
