@@ -89,8 +89,7 @@ impl Shared {
                     if l.error.as_deref() != Some(e.as_str()) {
                         tracing::warn!(
                             pollster = p.name(),
-                            "pollster {p}: {e} (its series are left out until it reads again; \
-                             counted in shmetrics_pollster_errors_total)"
+                            "pollster {p}: {e} (its series are left out until it reads again)"
                         );
                         l.error = Some(e);
                     }

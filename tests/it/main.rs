@@ -15,6 +15,7 @@ mod http_limits;
 mod layout_doc;
 mod monitor;
 mod ops;
+mod pollsters;
 mod processes;
 mod push;
 mod python_compat;
