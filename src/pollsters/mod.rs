@@ -28,6 +28,7 @@
 
 pub mod cpu;
 pub mod diskstats;
+mod families;
 pub mod filesystem;
 pub mod loadavg;
 pub mod meminfo;
