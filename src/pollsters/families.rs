@@ -137,6 +137,8 @@ mod tests {
         assert_eq!(decimal("0.58", 0), Some(0.58));
         assert_eq!(decimal("18446744073709551615", 0), Some(18_446_744_073_709_551_615.0));
         assert_eq!(decimal("7", 3), Some(7000.0));
+        assert_eq!(decimal("5.", 0), Some(5.0));
+        assert_eq!(decimal(".5", 0), Some(0.5));
         for bad in ["", ".", "1.2.3", "-1", "1e5", "inf", "NaN", "12a", " 1"] {
             assert_eq!(decimal(bad, 0), None, "{bad:?}");
         }
@@ -159,5 +161,27 @@ mod tests {
         // `/proc/self` is a symbolic link: not followed at the last component.
         let e = read_proc("/proc/self").unwrap_err();
         assert!(e.starts_with("cannot open /proc/self: "), "{e}");
+    }
+}
+
+/// What `/metrics` shows of the readers' families: node_exporter's exposition.
+#[cfg(test)]
+mod exposition {
+    use crate::expose::{encode, Format};
+    use crate::merge::Snapshot;
+
+    #[test]
+    fn counters_get_total_and_labels_their_order() {
+        let stat = b"cpu0 10 0 0 46453 0 0 0 0 17 3\n";
+        let mut families = super::super::cpu::families(stat, None, 100);
+        families.extend(super::super::meminfo::families(b"Active(anon): 2 kB\nHugePages_Total: 0\n"));
+        let text = encode(&Snapshot { families }, Format::Prometheus);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(lines.contains(&"node_cpu_seconds_total{cpu=\"0\",mode=\"idle\"} 464.53"), "{text}");
+        assert!(lines.contains(&"node_cpu_guest_seconds_total{cpu=\"0\",mode=\"nice\"} 0.03"), "{text}");
+        assert!(lines.contains(&"node_memory_Active_anon_bytes 2048.0"), "{text}");
+        assert!(lines.contains(&"node_memory_HugePages_Total 0.0"), "{text}");
+        assert!(text.contains("# TYPE node_cpu_seconds_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE node_memory_Active_anon_bytes gauge\n"), "{text}");
     }
 }

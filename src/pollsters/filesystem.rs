@@ -57,7 +57,7 @@ pub(crate) struct Figures {
 
 impl Figures {
     fn of(s: &nix::sys::statvfs::Statvfs) -> Figures {
-        let unit = if s.fragment_size() > 0 { s.fragment_size() } else { s.block_size() } as f64;
+        let unit = (if s.fragment_size() > 0 { s.fragment_size() } else { s.block_size() }) as f64;
         Figures {
             size: s.blocks() as f64 * unit,
             free: s.blocks_free() as f64 * unit,
