@@ -58,8 +58,9 @@ struct AggregatorArgs {
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
     /// Configuration file (TOML; see conf/shmetrics.toml): alarms, derived metrics ([[metric]]),
-    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]). Reloaded on SIGHUP; a bad
-    /// file is refused and the configuration in force kept.
+    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]), system pollsters
+    /// ([pollsters]). Reloaded on SIGHUP; a bad file is refused and the configuration in force
+    /// kept.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Keep one file per merged series in DIR, holding its current value, refreshed every second

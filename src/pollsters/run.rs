@@ -71,8 +71,9 @@ impl Shared {
                 enabled.iter().map(|p| (*p, Err(why.clone()))).collect()
             }
         };
-        let now_enabled = self.settings.borrow().enabled.clone();
         let mut latest = lock(&self.latest);
+        // Read under the lock: [`Pollsters::publish`] sends new settings, then clears under it.
+        let now_enabled = self.settings.borrow().enabled.clone();
         for (p, result) in results {
             let l = latest.entry(p).or_default();
             l.polls += 1;
@@ -207,7 +208,9 @@ impl Pollsters {
         if dropped {
             pollsters.save_dropped(&lock(&pollsters.control));
         }
-        tracing::info!("pollsters: {}", pollsters.describe());
+        if spec.is_some() || pollsters.changed() {
+            tracing::info!("pollsters: {}", pollsters.describe());
+        }
         job.add_source(Arc::clone(&pollsters) as Arc<dyn Source>);
         pollsters
     }
@@ -247,19 +250,25 @@ impl Pollsters {
     /// Hands the settings in force to the task (waking it) and forgets disabled pollsters' series.
     fn publish(&self, c: &Control) {
         let settings = c.effective.settings.clone();
-        {
-            let mut latest = lock(&self.shared.latest);
-            for (p, l) in latest.iter_mut() {
-                if !settings.enabled.contains(p) {
-                    l.families = None;
-                }
-            }
-        }
+        let enabled = settings.enabled.clone();
         self.shared.settings.send_if_modified(|s| {
             let changed = *s != settings;
             *s = settings;
             changed
         });
+        // After the send: a pass storing its reads now sees the new settings (see `poll`).
+        let mut latest = lock(&self.shared.latest);
+        for (p, l) in latest.iter_mut() {
+            if !enabled.contains(p) {
+                l.families = None;
+            }
+        }
+    }
+
+    /// Whether a runtime change is in force.
+    fn changed(&self) -> bool {
+        let c = lock(&self.control);
+        c.effective.interval_changed || c.effective.enabled_changed
     }
 
     /// The settings in force, in the `pollsters` command's format (see [`describe`]).
@@ -387,5 +396,81 @@ impl Source for Pollsters {
             out.push(SnapFamily { meta: Arc::clone(errors_meta), series: errors });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregator::{Aggregator, Options};
+    use std::time::Duration;
+
+    fn names_of(fams: &[SnapFamily]) -> Vec<String> {
+        fams.iter().map(|f| f.meta.desc.name.clone()).collect()
+    }
+
+    fn value(fams: &[SnapFamily], name: &str, pollster: &str) -> Option<u64> {
+        let f = fams.iter().find(|f| f.meta.desc.name == name)?;
+        f.series.iter().find(|(l, _)| l.pairs == [("pollster".to_string(), pollster.to_string())]).and_then(
+            |(_, v)| match v {
+                Value::U64(n) => Some(*n),
+                _ => None,
+            },
+        )
+    }
+
+    /// Polls at start, a disabled pollster is gone at once (its counters stay), a newly enabled one
+    /// is read without waiting for the (hour-long) interval, and nothing runs without a section.
+    #[test]
+    fn changes_take_effect_at_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("m");
+            let agg = Aggregator::open(&dir, &Options::default()).unwrap();
+            let trust = agg.trust();
+            let job = Job::new(agg, Duration::from_secs(3600));
+            let spec: PollstersSpec = toml::from_str("interval_seconds = 3600\nenabled = [\"loadavg\"]").unwrap();
+            let p = Pollsters::start(&job, &dir, &trust, Some(&spec), false);
+            let wait = |what: &str, f: &dyn Fn(&[SnapFamily]) -> bool| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let fams = p.families();
+                    if f(&fams) {
+                        return fams;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "{what}: {:?}", names_of(&fams));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            let fams = tokio::task::block_in_place(|| {
+                wait("the first poll", &|f| value(f, "shmetrics_pollster_polls", "loadavg") == Some(1))
+            });
+            assert_eq!(value(&fams, "shmetrics_pollster_errors", "loadavg"), Some(0));
+            assert!(names_of(&fams).contains(&"node_load1".to_string()));
+
+            assert!(p.set_enabled(&[Pollster::Meminfo]).unwrap().starts_with("OK pollsters meminfo interval 3600"));
+            let now = p.families();
+            assert!(!names_of(&now).contains(&"node_load1".to_string()), "gone at once");
+            assert_eq!(value(&now, "shmetrics_pollster_polls", "loadavg"), Some(1), "its counters stay");
+            tokio::task::block_in_place(|| {
+                wait("meminfo read at once", &|f| names_of(f).contains(&"node_memory_MemTotal_bytes".to_string()))
+            });
+            assert_eq!(
+                p.describe(),
+                "pollsters meminfo interval 3600 (pollsters: runtime change; interval: configuration file)"
+            );
+
+            // The file now says meminfo too: the change is no longer one.
+            let spec: PollstersSpec = toml::from_str("interval_seconds = 3600\nenabled = [\"meminfo\"]").unwrap();
+            p.reload(Some(&spec));
+            assert_eq!(
+                p.describe(),
+                "pollsters meminfo interval 3600 (pollsters: configuration file; interval: configuration file)"
+            );
+            p.reload(None);
+            assert_eq!(p.describe(), "pollsters none interval 10 (pollsters: default; interval: default)");
+            assert!(!names_of(&p.families()).iter().any(|n| n.starts_with("node_")));
+        });
     }
 }
