@@ -39,6 +39,12 @@ use crate::trust::{self, Trust};
 pub const LOCK_FILE: &str = "aggregator.lock";
 /// Name of the persisted archive of dead workers (defined by the archive, which sits below).
 pub use crate::archive::FILE as ARCHIVE_FILE;
+/// Name of the pollsters' runtime-control state file (`crate::pollsters::state`, which sits above
+/// and uses this name): the settings changed at runtime, kept by every start-up rule.
+pub const POLLSTERS_STATE_FILE: &str = "pollsters.state.json";
+/// Prefix of a pollsters' state file set aside as unusable (kept for the operator, like a
+/// corrupt archive).
+pub const POLLSTERS_STATE_ASIDE_PREFIX: &str = "pollsters.state.json.corrupt-";
 /// A writer's temporary file younger than this may belong to a writer that has not locked it yet.
 pub const TEMP_GRACE: Duration = Duration::from_secs(10);
 
@@ -79,8 +85,8 @@ impl DirLock {
 }
 
 /// Whether a name in the directory is one of ours (writer, temp, archive and its temporaries and
-/// set-aside copies, lock, and Python prometheus_client files, which the aggregator manages for
-/// the app).
+/// set-aside copies, lock, the pollsters' state file and its temporaries and set-aside copies,
+/// and Python prometheus_client files, which the aggregator manages for the app).
 pub fn is_ours(name: &str) -> bool {
     crate::python::parse_name(name).is_some()
         || name.strip_prefix(".compact-").is_some_and(|n| crate::python::parse_name(n).is_some())
@@ -90,6 +96,9 @@ pub fn is_ours(name: &str) -> bool {
         || name == LOCK_FILE
         || trust::is_replace_temp(name, ARCHIVE_FILE)
         || name.starts_with(crate::archive::CORRUPT_PREFIX)
+        || name == POLLSTERS_STATE_FILE
+        || trust::is_replace_temp(name, POLLSTERS_STATE_FILE)
+        || name.starts_with(POLLSTERS_STATE_ASIDE_PREFIX)
 }
 
 /// Creates `dir` (mode 0700) if missing, checks that it can be trusted (`shared`: it is
@@ -191,10 +200,20 @@ fn is_live(path: &Path, n: &str, trust: &Trust) -> bool {
 }
 
 /// Whether a fresh start (`wipe`: a wipe) removes `path`: `Ok(true)` for a file of ours that we
-/// understand and nobody uses, `Ok(false)` for names that are not ours (or our lock and set-aside
-/// archives), `Err(why)` for a file under one of our names that we do not understand.
+/// understand and nobody uses, `Ok(false)` for names that are not ours and for what every start
+/// keeps (our lock, set-aside archives, the pollsters' state file and its set-aside copies),
+/// `Err(why)` for a file under one of our names that we do not understand.
+///
+/// The pollsters' state file holds settings an operator changed at runtime (`set_interval`,
+/// `set_pollsters`): they are meant to outlive a fresh start of the job and even `--wipe`, which
+/// clears the job's metrics, not the aggregator's settings.
 fn understood(path: &Path, n: &str, trust: &Trust, wipe: bool) -> std::result::Result<bool, String> {
-    if n == LOCK_FILE || n.starts_with(crate::archive::CORRUPT_PREFIX) || !is_ours(n) {
+    if n == LOCK_FILE
+        || n.starts_with(crate::archive::CORRUPT_PREFIX)
+        || n == POLLSTERS_STATE_FILE
+        || n.starts_with(POLLSTERS_STATE_ASIDE_PREFIX)
+        || !is_ours(n)
+    {
         return Ok(false);
     }
     let (file, meta) = trust::open_read(path, trust).map_err(|r| r.to_string())?;
@@ -223,7 +242,7 @@ fn understood(path: &Path, n: &str, trust: &Trust, wipe: bool) -> std::result::R
         // follows, with a log line, never deleted.
         return Ok(crate::archive::parses(file, &meta));
     }
-    if trust::is_replace_temp(n, ARCHIVE_FILE) {
+    if trust::is_replace_temp(n, ARCHIVE_FILE) || trust::is_replace_temp(n, POLLSTERS_STATE_FILE) {
         return Ok(true); // only an aggregator holding the lock writes these: a dead one's leftover
     }
     // A prometheus_client file, or one set aside for compaction.
@@ -275,5 +294,40 @@ mod tests {
         ] {
             assert!(!restored(n), "{n}");
         }
+    }
+
+    #[test]
+    fn every_start_keeps_the_pollsters_state_and_clears_its_temporaries() {
+        for (wipe, restore) in [(false, false), (true, false), (false, true)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("mp");
+            let lock = lock(&dir, false).unwrap();
+            let state = r#"{"version":1}"#;
+            std::fs::write(dir.join(POLLSTERS_STATE_FILE), state).unwrap();
+            std::fs::write(dir.join(format!("{POLLSTERS_STATE_ASIDE_PREFIX}1700000000")), "junk").unwrap();
+            std::fs::write(dir.join(format!(".{POLLSTERS_STATE_FILE}.Ab12Cd34Ef56.tmp")), "half").unwrap();
+            let expected = if wipe {
+                Startup::Wiped
+            } else if restore {
+                Startup::Restored
+            } else {
+                Startup::Fresh
+            };
+            assert_eq!(startup(&lock, wipe, restore).unwrap(), expected);
+            assert_eq!(
+                list(&dir).unwrap(),
+                vec![
+                    LOCK_FILE.to_string(),
+                    POLLSTERS_STATE_FILE.to_string(),
+                    format!("{POLLSTERS_STATE_ASIDE_PREFIX}1700000000"),
+                ],
+                "wipe {wipe}, restore {restore}"
+            );
+            assert_eq!(std::fs::read_to_string(dir.join(POLLSTERS_STATE_FILE)).unwrap(), state);
+        }
+        assert!(is_ours(POLLSTERS_STATE_FILE));
+        assert!(is_ours(".pollsters.state.json.Xy12ab.tmp"));
+        assert!(is_ours("pollsters.state.json.corrupt-1700000000-1"));
+        assert!(!is_ours("pollsters.state.jsonx"));
     }
 }

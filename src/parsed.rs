@@ -64,6 +64,14 @@ impl Seconds {
         Seconds::new(secs, true).map(Seconds::get)
     }
 
+    /// A duration as it is (exact, unlike a float of seconds), in the range of [`Seconds::new`].
+    pub fn from_duration(d: Duration, positive: bool) -> std::result::Result<Seconds, String> {
+        if d > Seconds::MAX.get() || (positive && d.is_zero()) {
+            return Err(format!("{} is not allowed: {}", d.as_secs_f64(), Seconds::allowed(positive)));
+        }
+        Ok(Seconds(d))
+    }
+
     /// The duration.
     pub fn get(self) -> Duration {
         self.0

@@ -310,6 +310,12 @@ impl Aggregator {
         &self.dir
     }
 
+    /// Whose files in the directory are used (for the files of ours that sit above, such as the
+    /// pollsters' state file).
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
+
     /// What start-up did.
     pub fn startup(&self) -> Startup {
         self.startup

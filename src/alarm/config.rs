@@ -481,13 +481,15 @@ mod tests {
     #[test]
     fn the_shipped_example_parses() {
         let c = AlarmConfig::parse(include_str!("../../conf/shmetrics.toml")).expect("conf/shmetrics.toml");
-        assert_eq!(c.threshold.len(), 3);
+        assert_eq!(c.threshold.len(), 4);
         assert_eq!(c.fatal.as_ref().and_then(|f| f.max_crashes), Some(5));
         assert_eq!(c.metric.len(), 6, "every collector and an alias");
         assert_eq!(c.uwsgi_stats.len(), 2);
         assert_eq!(c.push.len(), 3);
         assert_eq!(c.httpok.len(), 1);
         assert_eq!(c.httpok[0].failures, crate::alarm::httpok::Failures(3));
+        let p = c.pollsters.as_ref().expect("[pollsters]");
+        assert_eq!((p.interval_seconds, p.enabled.len()), (crate::parsed::Seconds::from_secs(10), 6));
     }
 
     /// Each seconds key, in a file where it is the only mistake (`{}` is its value).

@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 const EXIT_CODES: &str = "\
 Exit status (so that `shmetrics ctl health_check` serves as a container health probe):
   0  an OK-type reply: health_check said \"OK\"; perf_metrics replied valid JSON;
-     help, monitor and other commands replied
+     set_interval and set_pollsters replied \"OK ...\"; help, monitor, pollsters and other
+     commands replied
   1  a negative reply: health_check said anything but \"OK\" (\"Instance is booting\",
      \"Warmup in progress\", \"No live workers\", \"Only N of M required workers are ready\"),
      perf_metrics did not reply JSON, or the reply is an \"Error: …\" line (bad arguments,
-     too many connections, …)
+     too many connections, set_interval or set_pollsters refused without --allow-control or
+     not saved, …)
   2  \"Invalid command …\": the monitor port does not know the command (also: bad usage of ctl)
   3  no reply: connection refused, timed out, or closed without a reply (the message on stderr
      names the address)
@@ -26,6 +28,7 @@ Exit status (so that `shmetrics ctl health_check` serves as a container health p
 Examples:
   shmetrics ctl health_check
   shmetrics ctl --monitor 127.0.0.1:8161 perf_metrics 1
+  shmetrics ctl set_pollsters cpu,loadavg,filesystem   # needs serve/run --allow-control
   echo health_check | nc -q 1 127.0.0.1 9181      # the same protocol, without shmetrics";
 
 /// Largest reply read; the rest is ignored.
@@ -42,7 +45,7 @@ pub struct CtlArgs {
     #[arg(long, default_value = "15", value_parser = super::positive_secs)]
     timeout: Duration,
     /// The command and its arguments (default: help), e.g. `health_check`, `perf_metrics 1`,
-    /// `monitor`, `help perf_metrics`.
+    /// `monitor`, `pollsters`, `set_interval 30`, `help perf_metrics`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
 }
@@ -160,5 +163,19 @@ mod tests {
         assert_eq!(classify("nope", b"Invalid command 'nope'\nTry \"help\".\n"), 2);
         assert_eq!(classify("help nope", b"Invalid command 'nope'\nTry \"help\".\n"), 2);
         assert_eq!(classify("health_check", b"Error: too many connections (limit 64)\n"), 1);
+        let refused = b"Error: set_interval is refused: the aggregator was not started with \
+                        --allow-control (the monitor port has no authentication)\n";
+        assert_eq!(classify("set_interval 5", refused), 1);
+        assert_eq!(classify("set_interval 0", b"Error: set_interval '0': write a number...\n"), 1);
+        let ok = b"OK pollsters cpu interval 5 (pollsters: configuration file; interval: runtime change)\n";
+        assert_eq!(classify("set_interval 5", ok), 0);
+        assert_eq!(classify("set_pollsters cpu", ok), 0);
+        assert_eq!(classify("set_pollsters gpu", b"Error: set_pollsters: unknown pollster \"gpu\"\n"), 1);
+        let unsaved = b"Error: interval 5 is in force but not saved (No space left on device)\n";
+        assert_eq!(classify("set_interval 5", unsaved), 1);
+        assert_eq!(
+            classify("pollsters", b"pollsters none interval 10 (pollsters: default; interval: default)\n"),
+            0
+        );
     }
 }

@@ -58,8 +58,9 @@ struct AggregatorArgs {
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
     /// Configuration file (TOML; see conf/shmetrics.toml): alarms, derived metrics ([[metric]]),
-    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]), URL checks ([[httpok]]).
-    /// Reloaded on SIGHUP; a bad file is refused and the configuration in force kept.
+    /// stats pushers ([[push]]), uWSGI stats servers ([[uwsgi_stats]]), system pollsters
+    /// ([pollsters]), URL checks ([[httpok]]). Reloaded on SIGHUP; a bad file is refused and the
+    /// configuration in force kept.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Keep one file per merged series in DIR, holding its current value, refreshed every second
@@ -103,6 +104,10 @@ struct AggregatorArgs {
     /// read.
     #[arg(long, default_value = "1", value_parser = positive_secs)]
     upkeep_interval: Duration,
+    /// Not an option: set by `run` when it uses a private directory removed at exit (runtime
+    /// changes cannot outlive it; the monitor port's replies say so).
+    #[arg(skip)]
+    private_dir: bool,
 }
 
 /// `--process-metrics`.
@@ -223,6 +228,7 @@ struct Servers {
     pushers: std::sync::Arc<crate::push::Pushers>,
     uwsgi: std::sync::Arc<crate::uwsgi_stats::Pollers>,
     httpok: std::sync::Arc<crate::alarm::httpok::Checkers>,
+    pollsters: std::sync::Arc<crate::pollsters::Pollsters>,
     config: Option<PathBuf>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -252,11 +258,15 @@ impl Servers {
             crate::alarm::httpok::check_targets(&c.httpok, child.is_some())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
+        let (dir, trust) = (agg.dir().to_path_buf(), agg.trust());
         let job = crate::job::Job::new(agg, args.upkeep());
         let sections = config.clone().unwrap_or_default();
         job.set_derived(sections.metric.clone());
         let pushers = crate::push::Pushers::start(&job, &sections.push);
         let uwsgi = crate::uwsgi_stats::Pollers::start(&job, &sections.uwsgi_stats);
+        let spec = sections.pollsters.as_ref();
+        let pollsters = crate::pollsters::Pollsters::start(&job, &dir, &trust, spec, args.private_dir);
+        let control = crate::server::Control { pollsters: pollsters.clone(), allow: args.allow_control };
         let alarms = config.map(crate::alarm::Pipeline::start);
         let httpok = crate::alarm::httpok::Checkers::start(&job, alarms.clone(), child, &sections.httpok)
             .map_err(anyhow::Error::msg)?;
@@ -265,7 +275,13 @@ impl Servers {
             ProcessMetricsArg::Job => crate::report::ProcessMetrics::Job,
             ProcessMetricsArg::None => crate::report::ProcessMetrics::None,
         };
-        let state = crate::server::State::new(job.clone(), args.health(), process_metrics, alarms.clone());
+        let state = crate::server::State::new(
+            job.clone(),
+            args.health(),
+            process_metrics,
+            alarms.clone(),
+            Some(control),
+        );
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -285,7 +301,7 @@ impl Servers {
             background.push(tokio::spawn(crate::textdir::run(job.clone(), dir)));
         }
         let config = args.config.clone();
-        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, httpok, config })
+        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, httpok, pollsters, config })
     }
 
     /// Reloads the configuration file (SIGHUP). A bad file is refused with an error in the log,
@@ -306,6 +322,7 @@ impl Servers {
                 }
                 self.pushers.reload(&c.push);
                 self.uwsgi.reload(&c.uwsgi_stats);
+                self.pollsters.reload(c.pollsters.as_ref());
                 p.reload(c);
                 tracing::info!(config = %path.display(), "configuration reloaded");
             }

@@ -32,7 +32,7 @@ const FORWARDED: [Signal; 8] = [
     Signal::SIGTTOU,
 ];
 
-pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn main(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.agg.restore && args.dir.is_none() {
         anyhow::bail!(
             "--restore needs --dir: without it, `shmetrics run` uses a private directory removed at \
@@ -52,6 +52,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => anyhow::bail!("no directory"),
     };
+    args.agg.private_dir = private.is_some();
     let opts = args.agg.options();
     let agg = Aggregator::open(&dir, &opts)?;
     let rt = super::runtime()?;

@@ -21,6 +21,8 @@
 //! reload (or a start) with a file whose `interval_seconds` or `enabled` differs from the one the
 //! change was made against drops that key's change — the file wins only for what it changed.
 //!
+//! The task and the control are in [`run`], the state file in [`state`].
+//!
 //! Readers ([`cpu`], [`loadavg`], [`meminfo`], [`netdev`], [`diskstats`], [`filesystem`]) are
 //! plain functions from `/proc` text to families; each is tested on recorded files.
 
@@ -32,7 +34,10 @@ pub mod loadavg;
 pub mod meminfo;
 mod monotonic;
 pub mod netdev;
+pub mod run;
 pub mod state;
+
+pub use run::Pollsters;
 
 use std::fmt;
 use std::path::Path;

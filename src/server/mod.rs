@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::alarm::Pipeline;
 use crate::health::{self, Health, HealthConfig};
 use crate::job::Job;
+use crate::pollsters::Pollsters;
 use crate::report::{self, Alarms, Measured, ProcessMetrics};
 
 /// Reads and drops what a client still sends, for at most `limit` and `max_bytes`: closing a
@@ -53,6 +54,19 @@ pub struct State {
     alarms: Option<Arc<Pipeline>>,
     /// Whether the warmup URL has yet to answer 2xx.
     warming_up: AtomicBool,
+    /// The system pollsters, which the monitor port shows and (with `allow_control`) changes.
+    pollsters: Option<Arc<Pollsters>>,
+    /// `--allow-control`: the monitor port's commands that change settings are accepted.
+    allow_control: bool,
+}
+
+/// What the monitor port may control: the pollsters, and whether changing them is allowed
+/// (`--allow-control`; the monitor port has no authentication).
+pub struct Control {
+    /// The system pollsters.
+    pub pollsters: Arc<Pollsters>,
+    /// Whether `set_interval` and `set_pollsters` are accepted.
+    pub allow: bool,
 }
 
 impl State {
@@ -62,9 +76,24 @@ impl State {
         health: HealthConfig,
         process_metrics: ProcessMetrics,
         alarms: Option<Arc<Pipeline>>,
+        control: Option<Control>,
     ) -> Arc<State> {
         let warming_up = AtomicBool::new(health.warmup_url.is_some());
-        Arc::new(State { job, health, process_metrics, alarms, warming_up })
+        let (pollsters, allow_control) = match control {
+            Some(c) => (Some(c.pollsters), c.allow),
+            None => (None, false),
+        };
+        Arc::new(State { job, health, process_metrics, alarms, warming_up, pollsters, allow_control })
+    }
+
+    /// The system pollsters, if this aggregator runs them.
+    pub fn pollsters(&self) -> Option<&Arc<Pollsters>> {
+        self.pollsters.as_ref()
+    }
+
+    /// Whether the monitor port's commands that change settings are accepted (`--allow-control`).
+    pub fn allow_control(&self) -> bool {
+        self.allow_control
     }
 
     /// The job core.

@@ -19,7 +19,10 @@
 //!
 //! Commands: `health_check` (the health message, `OK` when the job can serve, see
 //! `crate::health`), `perf_metrics [db|-] [interval]` (one line of JSON), `monitor` (what is
-//! running), `help [command]`, `interactive`, `quit`.
+//! running), `pollsters` (the system pollsters in force, see `crate::pollsters`), `set_interval
+//! SECONDS` and `set_pollsters NAME,...` (change them at runtime; refused unless the aggregator
+//! was started with `--allow-control`, since the port has no authentication), `help [command]`,
+//! `interactive`, `quit`.
 //!
 //! # Limits
 //!
@@ -103,7 +106,10 @@ enum Command {
     Interactive,
     Monitor,
     PerfMetrics,
+    Pollsters,
     Quit,
+    SetInterval,
+    SetPollsters,
 }
 
 /// The commands, their names and descriptions (first line: the summary `help` lists).
@@ -145,9 +151,40 @@ const COMMANDS: &[(&str, Command, &str)] = &[
          database argument of ftw.monitor's form is accepted and ignored.",
     ),
     (
+        "pollsters",
+        Command::Pollsters,
+        "Show the system pollsters in force and their interval\n\n\
+         Replies one line: pollsters NAMES interval SECONDS (pollsters: ORIGIN; interval: ORIGIN)\n\
+         NAMES: the enabled pollsters, comma-separated (cpu,loadavg,meminfo,netdev,diskstats,\n\
+         filesystem), or \"none\". ORIGIN: \"configuration file\" ([pollsters] of --config),\n\
+         \"default\" (no [pollsters] section: none enabled, interval 10) or \"runtime change\"\n\
+         (set_interval / set_pollsters, kept in the multiproc directory's pollsters.state.json).",
+    ),
+    (
         "quit",
         Command::Quit,
         "Close the connection\n\nMostly useful in interactive mode (see \"interactive\").",
+    ),
+    (
+        "set_interval",
+        Command::SetInterval,
+        "Set the seconds between two polls of the system pollsters\n\n\
+         Usage: set_interval SECONDS  (more than 0, at most 31536000; procagent's setintvl)\n\
+         Takes effect at once and is kept across restarts (pollsters.state.json), until the\n\
+         configuration file's interval_seconds is changed and reloaded (SIGHUP): then the file's\n\
+         wins. Replies \"OK pollsters ...\" (as \"pollsters\" does) or \"Error: ...\". Refused unless\n\
+         the aggregator was started with --allow-control (the monitor port has no authentication).",
+    ),
+    (
+        "set_pollsters",
+        Command::SetPollsters,
+        "Set which system pollsters run\n\n\
+         Usage: set_pollsters NAME,NAME,...  (or \"none\"; procagent's setpoll)\n\
+         Names: cpu, loadavg, meminfo, netdev, diskstats, filesystem. Takes effect at once (a\n\
+         disabled pollster's series are gone from the next scrape) and is kept across restarts,\n\
+         until the configuration file's enabled is changed and reloaded (SIGHUP). Replies\n\
+         \"OK pollsters ...\" or \"Error: ...\". Refused unless the aggregator was started with\n\
+         --allow-control (the monitor port has no authentication).",
     ),
 ];
 
@@ -490,7 +527,75 @@ async fn execute(ctx: &Context, words: &[Token]) -> (String, Mode) {
                 Err(e) => (failed("perf_metrics", &e), Mode::Same),
             }
         }
+        Command::Pollsters => {
+            if let Some(e) = arity(0) {
+                return (e, Mode::Same);
+            }
+            match state.pollsters() {
+                Some(p) => (format!("{}\n", p.describe()), Mode::Same),
+                None => (no_pollsters(), Mode::Same),
+            }
+        }
+        Command::SetInterval | Command::SetPollsters => (control(state, command, args), Mode::Same),
     }
+}
+
+fn no_pollsters() -> String {
+    "Error: this aggregator runs no system pollsters\n".into()
+}
+
+/// `set_interval SECONDS` and `set_pollsters NAME,...`: refused without `--allow-control`; the
+/// reply line otherwise.
+fn control(state: &State, command: Command, args: &[Token]) -> String {
+    let name = if command == Command::SetInterval { "set_interval" } else { "set_pollsters" };
+    if !state.allow_control() {
+        return format!(
+            "Error: {name} is refused: the aggregator was not started with --allow-control (the \
+             monitor port has no authentication)\n"
+        );
+    }
+    let Some(pollsters) = state.pollsters() else { return no_pollsters() };
+    let reply = match command {
+        Command::SetInterval => match interval_arg(args) {
+            Ok(secs) => pollsters.set_interval(secs),
+            Err(e) => Err(e),
+        },
+        _ => match pollsters_arg(args) {
+            Ok(list) => pollsters.set_enabled(&list),
+            Err(e) => Err(e),
+        },
+    };
+    let mut line = reply.unwrap_or_else(|e| e);
+    line.push('\n');
+    line
+}
+
+/// `set_interval`'s one argument, parsed like the configuration's `interval_seconds`.
+fn interval_arg(args: &[Token]) -> Result<crate::parsed::Seconds, String> {
+    let [one] = args else {
+        return Err(format!(
+            "Error: set_interval takes one argument, the seconds between two polls ({} given), \
+             e.g. set_interval 30",
+            args.len()
+        ));
+    };
+    let text = one.text();
+    let secs: f64 = text.trim().parse().map_err(|_| {
+        format!("Error: set_interval {}: {}", one.repr(), crate::parsed::Seconds::allowed(true))
+    })?;
+    crate::parsed::Seconds::new(secs, true).map_err(|e| format!("Error: set_interval {}: {e}", one.repr()))
+}
+
+/// `set_pollsters`'s names: the arguments joined (`cpu,loadavg` or `cpu, loadavg`), `none` for
+/// none.
+fn pollsters_arg(args: &[Token]) -> Result<Vec<crate::pollsters::Pollster>, String> {
+    if args.is_empty() {
+        return Err("Error: set_pollsters takes the pollsters to run, comma-separated (e.g. \
+                    set_pollsters cpu,loadavg), or none"
+            .into());
+    }
+    let joined = args.iter().map(Token::text).collect::<Vec<_>>().join(" ");
+    crate::pollsters::parse_list(&joined).map_err(|e| format!("Error: set_pollsters: {e}"))
 }
 
 fn failed(what: &str, e: &tokio::task::JoinError) -> String {
@@ -718,6 +823,31 @@ mod tests {
         for bad in ["0", "-1", "10.5", "nan", "inf", "- x"] {
             assert!(perf_interval(&t(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn set_interval_and_set_pollsters_arguments() {
+        use crate::pollsters::Pollster;
+        let t = |s: &str| split(s.as_bytes());
+        assert_eq!(interval_arg(&t("30")), Ok(crate::parsed::Seconds::from_secs(30)));
+        assert_eq!(interval_arg(&t("0.5")).map(|s| s.get()), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "nan", "inf", "1e20", "31536001", "x", ""] {
+            let e = interval_arg(&t(bad)).unwrap_err();
+            assert!(e.starts_with("Error: set_interval"), "{bad}: {e}");
+        }
+        assert_eq!(
+            interval_arg(&t("0")).unwrap_err(),
+            "Error: set_interval '0': 0 is not allowed: write a number of seconds more than 0 and \
+             at most 31536000 (one year)"
+        );
+        assert!(interval_arg(&t("1 2")).unwrap_err().contains("takes one argument"));
+        assert_eq!(pollsters_arg(&t("cpu,loadavg")), Ok(vec![Pollster::Cpu, Pollster::Loadavg]));
+        assert_eq!(pollsters_arg(&t("cpu, filesystem")), Ok(vec![Pollster::Cpu, Pollster::Filesystem]));
+        assert_eq!(pollsters_arg(&t("none")), Ok(vec![]));
+        assert!(pollsters_arg(&t("")).unwrap_err().contains("or none"));
+        let e = pollsters_arg(&t("cpu,gpu")).unwrap_err();
+        assert!(e.starts_with("Error: set_pollsters: unknown pollster \"gpu\""), "{e}");
+        assert!(pollsters_arg(&t("cpu,cpu")).unwrap_err().contains("twice"));
     }
 
     #[test]

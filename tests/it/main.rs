@@ -16,6 +16,7 @@ mod httpok;
 mod layout_doc;
 mod monitor;
 mod ops;
+mod pollsters;
 mod processes;
 mod push;
 mod python_compat;

@@ -171,7 +171,10 @@ fn help_text() -> String {
      \x20 interactive -- Keep the connection open for more commands\n\
      \x20 monitor -- Show what is running: the aggregator, the workers and this port\n\
      \x20 perf_metrics -- Performance figures of the job, as one line of JSON\n\
-     \x20 quit -- Close the connection\n"
+     \x20 pollsters -- Show the system pollsters in force and their interval\n\
+     \x20 quit -- Close the connection\n\
+     \x20 set_interval -- Set the seconds between two polls of the system pollsters\n\
+     \x20 set_pollsters -- Set which system pollsters run\n"
         .to_string()
 }
 
