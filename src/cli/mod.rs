@@ -301,7 +301,19 @@ impl Servers {
             background.push(tokio::spawn(crate::textdir::run(job.clone(), dir)));
         }
         let config = args.config.clone();
-        Ok(Servers { http_addr, stop, job, tasks, background, alarms, pushers, uwsgi, httpok, pollsters, config })
+        Ok(Servers {
+            http_addr,
+            stop,
+            job,
+            tasks,
+            background,
+            alarms,
+            pushers,
+            uwsgi,
+            httpok,
+            pollsters,
+            config,
+        })
     }
 
     /// Reloads the configuration file (SIGHUP). A bad file is refused with an error in the log,

@@ -15,6 +15,8 @@
 //!   removes that pollster's series until it reads again (stale figures are not served as if they
 //!   were current); it is logged at the first failure and whenever the error changes, not at
 //!   every poll, and once when the pollster reads again.
+//! - Counters never go backwards in what is exposed, whatever the kernel says (an iowait
+//!   step back, a driver resetting its counts): [`super::monotonic`].
 //! - [`Source::families`] copies what the task stored: no I/O inside a merge.
 //!
 //! Runtime changes go through [`super::state::Store`], which keeps them against the
@@ -48,6 +50,8 @@ struct Latest {
     error: Option<String>,
     polls: u64,
     errors: u64,
+    /// Its counters as exposed: never lower than before (see [`super::monotonic`]).
+    monotonic: super::monotonic::Monotonic,
 }
 
 /// What the task shares with [`Pollsters`].
@@ -78,7 +82,8 @@ impl Shared {
             let l = latest.entry(p).or_default();
             l.polls += 1;
             match result {
-                Ok(families) => {
+                Ok(mut families) => {
+                    l.monotonic.apply(&mut families);
                     if l.error.take().is_some() {
                         tracing::info!(pollster = p.name(), "pollster {p} reads again");
                     }
