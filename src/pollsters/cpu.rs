@@ -19,30 +19,31 @@ use crate::merge::SnapFamily;
 const MODES: [&str; 8] = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"];
 const GUEST_MODES: [&str; 2] = ["user", "nice"];
 
-/// cpuinfo's fields behind `node_cpu_info`'s labels, in label order.
+/// cpuinfo's fields behind `node_cpu_info`'s labels, in label order: sorted by name, as
+/// node_exporter exposes them (Go's client sorts labels), so the text is the same as theirs.
 const INFO_LABELS: [&str; 10] = [
-    "package",
+    "cachesize",
     "core",
     "cpu",
-    "vendor",
     "family",
+    "microcode",
     "model",
     "model_name",
-    "microcode",
+    "package",
     "stepping",
-    "cachesize",
+    "vendor",
 ];
 const INFO_FIELDS: [&str; 10] = [
-    "physical id",
+    "cache size",
     "core id",
     "processor",
-    "vendor_id",
     "cpu family",
+    "microcode",
     "model",
     "model name",
-    "microcode",
+    "physical id",
     "stepping",
-    "cache size",
+    "vendor_id",
 ];
 
 /// Reads the families now.
@@ -147,10 +148,10 @@ mod tests {
             "counter node_cpu_guest_seconds{cpu=\"0\",mode=\"nice\"} 0",
             "counter node_cpu_guest_seconds{cpu=\"1\",mode=\"user\"} 0.17",
             "counter node_cpu_guest_seconds{cpu=\"1\",mode=\"nice\"} 0.03",
-            "gauge node_cpu_info{package=\"0\",core=\"0\",cpu=\"0\",vendor=\"AuthenticAMD\",family=\"26\",model=\"2\",\
-             model_name=\"AMD EPYC\",microcode=\"0x1000065\",stepping=\"1\",cachesize=\"1024 KB\"} 1",
-            "gauge node_cpu_info{package=\"0\",core=\"1\",cpu=\"1\",vendor=\"AuthenticAMD\",family=\"26\",model=\"2\",\
-             model_name=\"AMD EPYC\",microcode=\"0x1000065\",stepping=\"1\",cachesize=\"1024 KB\"} 1",
+            "gauge node_cpu_info{cachesize=\"1024 KB\",core=\"0\",cpu=\"0\",family=\"26\",microcode=\"0x1000065\",\
+             model=\"2\",model_name=\"AMD EPYC\",package=\"0\",stepping=\"1\",vendor=\"AuthenticAMD\"} 1",
+            "gauge node_cpu_info{cachesize=\"1024 KB\",core=\"1\",cpu=\"1\",family=\"26\",microcode=\"0x1000065\",\
+             model=\"2\",model_name=\"AMD EPYC\",package=\"0\",stepping=\"1\",vendor=\"AuthenticAMD\"} 1",
             "gauge node_cpu_frequency_hertz{cpu=\"0\"} 2596122000",
             "gauge node_cpu_frequency_hertz{cpu=\"1\"} 2596122000",
         ];
@@ -195,10 +196,10 @@ mod tests {
             "counter node_cpu_seconds{cpu=\"0\",mode=\"nice\"} 0",
             "counter node_cpu_seconds{cpu=\"0\",mode=\"system\"} 0",
             "counter node_cpu_seconds{cpu=\"0\",mode=\"idle\"} 0",
-            "gauge node_cpu_info{package=\"\",core=\"\",cpu=\"0\",vendor=\"\",family=\"\",model=\"\",\
-             model_name=\"\",microcode=\"\",stepping=\"\",cachesize=\"\"} 1",
-            "gauge node_cpu_info{package=\"\",core=\"\",cpu=\"1\",vendor=\"\",family=\"\",model=\"\",\
-             model_name=\"\",microcode=\"\",stepping=\"\",cachesize=\"\"} 1",
+            "gauge node_cpu_info{cachesize=\"\",core=\"\",cpu=\"0\",family=\"\",microcode=\"\",model=\"\",\
+             model_name=\"\",package=\"\",stepping=\"\",vendor=\"\"} 1",
+            "gauge node_cpu_info{cachesize=\"\",core=\"\",cpu=\"1\",family=\"\",microcode=\"\",model=\"\",\
+             model_name=\"\",package=\"\",stepping=\"\",vendor=\"\"} 1",
         ];
         assert_eq!(got, want);
     }

@@ -1,5 +1,5 @@
 //! The `filesystem` pollster: `statvfs(2)` of the multiproc directory's filesystem, as
-//! node_exporter's `node_filesystem_*{device,mountpoint,fstype}` gauges.
+//! node_exporter's `node_filesystem_*{device,fstype,mountpoint}` gauges (labels in its order).
 //!
 //! This is the filesystem that fills up under the workers (their files, the archive), so it is
 //! the one watched, not every mount of the host. The mount is found in `/proc/self/mountinfo`
@@ -23,7 +23,7 @@ use super::families::{finish, lines, read_proc, Fam};
 use crate::merge::SnapFamily;
 
 /// The labels of every family.
-const LABELS: &[&str] = &["device", "mountpoint", "fstype"];
+const LABELS: &[&str] = &["device", "fstype", "mountpoint"];
 
 /// The mount a directory is on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub fn read(dir: &Path) -> Result<Vec<SnapFamily>, String> {
 
 /// The families of a mount and its figures (`None`: `statvfs` failed).
 pub(crate) fn families(mount: &Mount, figures: Option<&Figures>) -> Vec<SnapFamily> {
-    let labels = [mount.device.as_str(), mount.mountpoint.as_str(), mount.fstype.as_str()];
+    let labels = [mount.device.as_str(), mount.fstype.as_str(), mount.mountpoint.as_str()];
     let mut fams = Vec::new();
     let mut one = |name: &str, help: &str, v: f64| {
         let mut f = Fam::gauge(name, help, LABELS);
@@ -231,7 +231,7 @@ mod tests {
             files_free: 1000.0,
             readonly: false,
         };
-        let l = "device=\"/dev/vda\",mountpoint=\"/\",fstype=\"ext4\"";
+        let l = "device=\"/dev/vda\",fstype=\"ext4\",mountpoint=\"/\"";
         assert_eq!(
             dump(&families(&m, Some(&f))),
             [
@@ -278,7 +278,7 @@ mod tests {
         std::fs::create_dir(&sub).expect("mkdir");
         for d in [&dir, &sub] {
             let fams = read(d).expect("read");
-            let l = format!("device=\"tmpfs\",mountpoint=\"{}\",fstype=\"tmpfs\"", dir.display());
+            let l = format!("device=\"tmpfs\",fstype=\"tmpfs\",mountpoint=\"{}\"", dir.display());
             let got = dump(&fams);
             assert_eq!(got.len(), 7, "{got:?}");
             assert_eq!(got[0], format!("gauge node_filesystem_size_bytes{{{l}}} 67108864"));

@@ -125,7 +125,7 @@ fn sample(addr: SocketAddr, key: &str) -> Option<f64> {
 
 /// The labels node_exporter gives the multiproc tmpfs (in the order the reader writes them).
 fn fs_labels(t: &Tmpfs) -> String {
-    format!("{{device=\"tmpfs\",mountpoint=\"{}\",fstype=\"tmpfs\"}}", t.dir().display())
+    format!("{{device=\"tmpfs\",fstype=\"tmpfs\",mountpoint=\"{}\"}}", t.dir().display())
 }
 
 /// `[pollsters]` with `filesystem` on the tmpfs: its exact size and inodes, labelled as
