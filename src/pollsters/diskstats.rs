@@ -147,7 +147,7 @@ pub(crate) fn excluded(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::families::dump;
+    use super::super::families::{dump, fixture};
     use super::*;
 
     #[test]
@@ -197,17 +197,8 @@ mod tests {
 
     #[test]
     fn recorded_diskstats() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/proc/diskstats");
-        let got = dump(&families(&std::fs::read(path).expect("fixture")));
-        let want: Vec<String> = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/proc/diskstats.expected"
-        ))
-        .expect("expected fixture")
-        .lines()
-        .map(str::to_string)
-        .collect();
-        assert_eq!(got, want);
+        let (text, want) = fixture("diskstats");
+        assert_eq!(dump(&families(&text)), want);
     }
 
     /// A kernel without the discard and flush columns, a bad line, a huge field, an odd name.

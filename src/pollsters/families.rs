@@ -127,6 +127,16 @@ pub(crate) fn dump(fams: &[SnapFamily]) -> Vec<String> {
     out
 }
 
+/// A recorded `/proc` file under `tests/data/proc/`, and the lines [`dump`] must give for it
+/// (`NAME.expected`, written independently of this code).
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> (Vec<u8>, Vec<String>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/proc");
+    let text = std::fs::read(dir.join(name)).expect("fixture");
+    let want = std::fs::read_to_string(dir.join(format!("{name}.expected"))).expect("expected fixture");
+    (text, want.lines().map(str::to_string).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,21 +66,13 @@ fn field_name(key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::families::dump;
+    use super::super::families::{dump, fixture};
     use super::*;
 
     #[test]
     fn recorded_meminfo() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/proc/meminfo");
-        let text = std::fs::read(path).expect("fixture");
-        let got = dump(&families(&text));
-        let want: Vec<String> =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/proc/meminfo.expected"))
-                .expect("expected fixture")
-                .lines()
-                .map(str::to_string)
-                .collect();
-        assert_eq!(got, want);
+        let (text, want) = fixture("meminfo");
+        assert_eq!(dump(&families(&text)), want);
     }
 
     #[test]

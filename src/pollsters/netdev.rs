@@ -66,20 +66,13 @@ pub(crate) fn families(text: &[u8]) -> Vec<SnapFamily> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::families::dump;
+    use super::super::families::{dump, fixture};
     use super::*;
 
     #[test]
     fn recorded_net_dev() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/proc/net-dev");
-        let got = dump(&families(&std::fs::read(path).expect("fixture")));
-        let want: Vec<String> =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/proc/net-dev.expected"))
-                .expect("expected fixture")
-                .lines()
-                .map(str::to_string)
-                .collect();
-        assert_eq!(got, want);
+        let (text, want) = fixture("net-dev");
+        assert_eq!(dump(&families(&text)), want);
     }
 
     /// An old kernel's `eth0:123` (no space), a name that is not UTF-8, huge and bad fields, a
