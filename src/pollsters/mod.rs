@@ -207,3 +207,63 @@ impl Settings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> Result<PollstersSpec, String> {
+        toml::from_str::<PollstersSpec>(text).map_err(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn the_section_has_defaults_and_refuses_mistakes_naming_them() {
+        assert_eq!(
+            spec("").expect("empty"),
+            PollstersSpec { interval_seconds: Seconds::from_secs(10), enabled: Pollster::ALL.to_vec() }
+        );
+        let s = spec("interval_seconds = 2.5\nenabled = [\"filesystem\", \"cpu\"]").expect("spec");
+        assert_eq!(s.interval_seconds.get(), std::time::Duration::from_millis(2500));
+        assert_eq!(s.enabled, [Pollster::Filesystem, Pollster::Cpu]);
+        assert_eq!(spec("enabled = []").expect("none").enabled, []);
+        let allowed = "write a number of seconds more than 0 and at most 31536000 (one year)";
+        for (text, want) in [
+            ("interval_seconds = 0", format!("interval_seconds = 0 is not allowed: {allowed}")),
+            ("interval_seconds = inf", format!("interval_seconds = inf is not allowed: {allowed}")),
+            ("interval_seconds = -1", format!("interval_seconds = -1 is not allowed: {allowed}")),
+            (
+                "enabled = [\"gpu\"]",
+                "unknown pollster \"gpu\": the pollsters are cpu, loadavg, meminfo, netdev, diskstats, filesystem"
+                    .to_string(),
+            ),
+            ("enabled = [\"cpu\", \"cpu\"]", "enabled names pollster \"cpu\" twice".to_string()),
+        ] {
+            assert_eq!(spec(text).expect_err(text), want, "{text}");
+        }
+        assert!(spec("intervall_seconds = 5")
+            .expect_err("unknown key")
+            .contains("unknown field `intervall_seconds`"));
+    }
+
+    #[test]
+    fn lists_of_names() {
+        assert_eq!(parse_list("cpu,loadavg"), Ok(vec![Pollster::Cpu, Pollster::Loadavg]));
+        assert_eq!(parse_list(" cpu, filesystem "), Ok(vec![Pollster::Cpu, Pollster::Filesystem]));
+        assert_eq!(parse_list("none"), Ok(vec![]));
+        assert_eq!(parse_list(""), Ok(vec![]));
+        assert_eq!(parse_list("cpu,,meminfo"), Ok(vec![Pollster::Cpu, Pollster::Meminfo]));
+        assert_eq!(parse_list("cpu,cpu"), Err("pollster \"cpu\" is named twice".to_string()));
+        assert_eq!(
+            parse_list("cpu,CPU"),
+            Err("unknown pollster \"CPU\": the pollsters are cpu, loadavg, meminfo, netdev, diskstats, filesystem"
+                .to_string())
+        );
+        for p in Pollster::ALL {
+            assert_eq!(p.name().parse::<Pollster>(), Ok(p));
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!(names(&Pollster::ALL), "cpu,loadavg,meminfo,netdev,diskstats,filesystem");
+        assert_eq!(Settings::from_spec(None).enabled, []);
+        assert_eq!(Settings::from_spec(None).interval, Seconds::from_secs(10));
+    }
+}
