@@ -7,7 +7,7 @@
 //! mount, a test fails, unless `SHMETRICS_TEST_NO_MOUNT=1` says to skip it (it then prints why).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,44 +19,13 @@ use nix::unistd::Pid;
 
 use shmetrics::layout::{self, flags, header};
 
-use crate::util::{self, Proc, Served};
+use crate::util::{self, Proc, Served, Tmpfs};
 
 const LONG: Duration = Duration::from_secs(20);
 
-/// A small tmpfs mounted in a temporary directory, unmounted on drop.
-struct Tmpfs {
-    root: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it), or returns `None` when mounting
-    /// is impossible and `SHMETRICS_TEST_NO_MOUNT=1` allows skipping (the test then prints so).
-    fn mount(test: &str, size: &str) -> Option<Tmpfs> {
-        let root = tempfile::tempdir().expect("tempdir");
-        let mnt = root.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(&mnt)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs { root, mnt }),
-            Ok(o) => {
-                format!("mount -t tmpfs failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())
-            }
-            Err(e) => format!("cannot run mount: {e}"),
-        };
-        if std::env::var("SHMETRICS_TEST_NO_MOUNT").as_deref() == Ok("1") {
-            // Straight to stderr, past the test harness's output capture: a skip must be seen.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (SHMETRICS_TEST_NO_MOUNT=1)");
-            return None;
-        }
-        panic!("{test} needs a small tmpfs: {why}. Run the tests as root, or set SHMETRICS_TEST_NO_MOUNT=1 to skip it");
-    }
-
     /// A metrics directory (mode 0700) on the tmpfs.
-    fn dir(&self) -> PathBuf {
+    fn metrics_dir(&self) -> PathBuf {
         let d = self.mnt.join("metrics");
         std::fs::DirBuilder::new().mode(0o700).create(&d).expect("metrics dir");
         d
@@ -65,13 +34,6 @@ impl Tmpfs {
     /// The file `workload --fill` fills the tmpfs with.
     fn filler(&self) -> PathBuf {
         self.mnt.join("filler")
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: a process of a failed test may still hold a file there.
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 
@@ -278,8 +240,10 @@ fn wait_dead(agg: &Served, n: f64) -> BTreeMap<String, f64> {
 
 #[test]
 fn full_disk_children_write_into_the_parents_file() {
-    let Some(fs) = Tmpfs::mount("full_disk_children_write_into_the_parents_file", "512k") else { return };
-    let dir = fs.dir();
+    let Some(fs) = Tmpfs::mount("full_disk_children_write_into_the_parents_file", "size=512k") else {
+        return;
+    };
+    let dir = fs.metrics_dir();
     let agg = util::spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], fs.root.path());
     let filler = fs.filler();
     let args = workload_args(filler.to_str().expect("utf-8"), "3", &["--ready"]);
@@ -318,12 +282,12 @@ fn full_disk_children_write_into_the_parents_file() {
 #[test]
 fn full_disk_master_exits_before_its_sharing_workers() {
     let test = "full_disk_master_exits_before_its_sharing_workers";
-    let Some(fs) = Tmpfs::mount(test, "512k") else { return };
+    let Some(fs) = Tmpfs::mount(test, "size=512k") else { return };
     let filler = fs.filler();
     let filler = filler.to_str().expect("utf-8");
     // The master exits normally, then (second run) is killed; either way before its workers.
     for crash in [false, true] {
-        let dir = fs.dir();
+        let dir = fs.metrics_dir();
         let agg =
             util::spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], fs.root.path());
         let extra: &[&str] = if crash { &["--orphan", "--master-crash"] } else { &["--orphan"] };
@@ -361,9 +325,10 @@ fn full_disk_master_exits_before_its_sharing_workers() {
 
 #[test]
 fn full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room() {
-    let Some(fs) =
-        Tmpfs::mount("full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room", "512k")
-    else {
+    let Some(fs) = Tmpfs::mount(
+        "full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room",
+        "size=512k",
+    ) else {
         return;
     };
     let filler = fs.filler();
@@ -371,7 +336,7 @@ fn full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room() 
     let root = fs.root.path().to_path_buf();
 
     // The disk stays full: two grandchildren of each worker share the master's file as well.
-    let dir = fs.dir();
+    let dir = fs.metrics_dir();
     let agg = util::spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], &root);
     let mut run = Run::start(&dir, &workload_args(filler, "2", &["--grandchildren", "2"]));
     let sent = Sent { workers: 2, series: 4, incs: 7, new_series: 2, rounds: 3 };
@@ -389,7 +354,7 @@ fn full_disk_grandchildren_share_too_or_get_their_own_file_once_there_is_room() 
     // the records its worker knew), so only the workers share. Worker 1 is slow in its fork
     // handlers: the first worker to free the disk must not do it before every worker has decided
     // (it did, before the workload waited for that, and worker 1 then got a file of its own).
-    let dir = fs.dir();
+    let dir = fs.metrics_dir();
     let agg = util::spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], &root);
     let mut run = Run::start(
         &dir,

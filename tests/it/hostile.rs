@@ -40,39 +40,8 @@ fn mkdir(dir: &Path) {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).expect("mkdir");
 }
 
-/// A tmpfs of `kib` KiB mounted on a fresh temp dir, unmounted on drop.
-struct Tmpfs {
-    mnt: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after printing why) when mounting is impossible and `SHMETRICS_TEST_NO_MOUNT=1`
-    /// allows skipping; panics when it is impossible and skipping was not asked for.
-    fn mount(kib: u64) -> Option<Tmpfs> {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let mnt = tmp.path().join("mnt");
-        mkdir(&mnt);
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k,mode=0700"), "tmpfs"])
-            .arg(&mnt)
-            .output()
-            .expect("run mount");
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            if std::env::var_os("SHMETRICS_TEST_NO_MOUNT").is_some_and(|v| v == "1") {
-                eprintln!("SKIPPED: cannot mount a tmpfs ({why}); SHMETRICS_TEST_NO_MOUNT=1");
-                return None;
-            }
-            panic!(
-                "cannot mount a tmpfs for the full-disk test ({why}): run the tests as root, or set \
-                 SHMETRICS_TEST_NO_MOUNT=1 to skip the full-disk tests explicitly"
-            );
-        }
-        Some(Tmpfs { mnt, _tmp: tmp })
-    }
-
-    /// Fills the filesystem with `filler` until it is full.
+impl util::Tmpfs {
+    /// Fills the tmpfs with a file `filler` until it is full; its path.
     fn fill(&self) -> PathBuf {
         let p = self.mnt.join("filler");
         let mut f = std::fs::File::create(&p).expect("filler");
@@ -86,12 +55,6 @@ impl Tmpfs {
         }
         let _ = f.flush();
         p
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 
@@ -135,7 +98,9 @@ fn requests(w: u64, i: u64) -> f64 {
 /// are only in memory) until a save works, and a restart must see the same totals.
 #[test]
 fn a_full_disk_never_loses_dead_workers_totals() {
-    let Some(fs) = Tmpfs::mount(512) else { return };
+    let Some(fs) = util::Tmpfs::mount("a_full_disk_never_loses_dead_workers_totals", "size=512k") else {
+        return;
+    };
     let dir = fs.mnt.join("mp");
     mkdir(&dir);
     // A live writer (this process): restarts below are aggregator restarts, not fresh starts.
@@ -191,12 +156,14 @@ fn a_full_disk_never_loses_dead_workers_totals() {
 /// saving works again.
 #[test]
 fn archive_save_failures_are_counted_and_logged() {
-    let Some(fs) = Tmpfs::mount(512) else { return };
+    let Some(fs) = util::Tmpfs::mount("archive_save_failures_are_counted_and_logged", "size=512k") else {
+        return;
+    };
     let dir = fs.mnt.join("mp");
     let served = util::spawn_shmetrics(
         &["serve", "--dir", dir.to_str().expect("utf-8"), "--upkeep-interval", "0.05"],
         &[],
-        fs._tmp.path(),
+        fs.root.path(),
     );
     let held = Held::start(&dir, &["--workers", "2", "--series", "1"]);
     let filler = fs.fill();

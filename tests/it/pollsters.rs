@@ -14,47 +14,19 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{self, samples, scrape, spawn_shmetrics, wait_for, Served};
+use crate::util::{self, samples, scrape, spawn_shmetrics, wait_for, Served, Tmpfs};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// A tmpfs mounted in a temporary directory (mode 0700: it is the multiproc directory itself),
-/// unmounted on drop; the configuration file and logs go next to it.
-struct Tmpfs {
-    root: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
+/// The tmpfs is the multiproc directory itself (mode 0700); the configuration file and logs go
+/// next to it, in `root`.
 impl Tmpfs {
-    fn mount(test: &str, options: &str) -> Option<Tmpfs> {
-        let root = tempfile::tempdir().expect("tempdir");
-        let mnt = root.path().join("mp");
-        std::fs::create_dir(&mnt).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("{options},mode=0700"), "tmpfs"])
-            .arg(&mnt)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs { root, mnt }),
-            Ok(o) => {
-                format!("mount -t tmpfs failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())
-            }
-            Err(e) => format!("cannot run mount: {e}"),
-        };
-        if std::env::var("SHMETRICS_TEST_NO_MOUNT").as_deref() == Ok("1") {
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (SHMETRICS_TEST_NO_MOUNT=1)");
-            return None;
-        }
-        panic!(
-            "{test} needs a tmpfs: {why}. Run the tests as root, or set SHMETRICS_TEST_NO_MOUNT=1 to skip it"
-        );
-    }
-
     /// The standard one: 64 MiB, 1000 inodes.
     fn standard(test: &str) -> Option<Tmpfs> {
         Tmpfs::mount(test, "size=64m,nr_inodes=1000")
     }
 
+    /// The multiproc directory: the tmpfs itself.
     fn dir(&self) -> &Path {
         &self.mnt
     }
@@ -74,12 +46,6 @@ impl Tmpfs {
         let mut args = vec!["serve", "--dir", d, "--config", &c, "--upkeep-interval", "0.2"];
         args.extend_from_slice(extra);
         spawn_shmetrics(&args, &[], self.root.path())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 

@@ -413,42 +413,6 @@ fn run_restore_without_dir_is_an_error() {
     assert!(e.contains("--restore needs --dir"), "{e}");
 }
 
-/// A small tmpfs, unmounted on drop (as `full_disk`'s: root may mount; without the permission,
-/// `SHMETRICS_TEST_NO_MOUNT=1` skips the test, saying so).
-struct Tmpfs {
-    _root: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(test: &str) -> Option<Tmpfs> {
-        let root = tmp();
-        let mnt = root.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
-            .arg(&mnt)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs { _root: root, mnt }),
-            Ok(o) => format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-            Err(e) => format!("cannot run mount: {e}"),
-        };
-        if std::env::var("SHMETRICS_TEST_NO_MOUNT").as_deref() == Ok("1") {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (SHMETRICS_TEST_NO_MOUNT=1)");
-            return None;
-        }
-        panic!("{test} needs a small tmpfs: {why}. Run the tests as root, or set SHMETRICS_TEST_NO_MOUNT=1 to skip it");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
-}
-
 /// Fills the file system of `path` with a new file until `ENOSPC`.
 fn fill(path: &Path) {
     use std::io::Write;
@@ -466,7 +430,10 @@ fn fill(path: &Path) {
 
 #[test]
 fn a_full_disk_keeps_the_old_values_counts_and_recovers() {
-    let Some(fs) = Tmpfs::mount("a_full_disk_keeps_the_old_values_counts_and_recovers") else { return };
+    let Some(fs) = util::Tmpfs::mount("a_full_disk_keeps_the_old_values_counts_and_recovers", "size=256k")
+    else {
+        return;
+    };
     let tmp = tmp();
     let (dir, text) = (tmp.path().join("m"), fs.mnt.join("text"));
     let served = util::serve(&dir, &["--text-dir", p(&text)]);

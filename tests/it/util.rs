@@ -150,6 +150,51 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Served {
     spawn_shmetrics(&args, &[], dir.parent().unwrap_or(dir))
 }
 
+/// A tmpfs mounted on `mnt` (`root`/mnt, mode 0700), unmounted (lazily) on drop; `root`, the
+/// temporary directory holding the mount point, is there for files that must stay off the tmpfs.
+pub struct Tmpfs {
+    pub root: tempfile::TempDir,
+    pub mnt: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (what `mount -o` takes, without the mode: `size=512k`,
+    /// `size=64m,nr_inodes=1000`; `mode=0700` is always added). Where mounting is impossible it
+    /// panics (naming `test` and why), unless `SHMETRICS_TEST_NO_MOUNT=1` asks to skip: then it
+    /// prints `SKIPPED {test}: …` to stderr and returns `None`.
+    pub fn mount(test: &str, options: &str) -> Option<Tmpfs> {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("{options},mode=0700"), "tmpfs"])
+            .arg(&mnt)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs { root, mnt }),
+            Ok(o) => {
+                format!("mount -t tmpfs failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())
+            }
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        if std::env::var("SHMETRICS_TEST_NO_MOUNT").as_deref() == Ok("1") {
+            // Straight to stderr, past the test harness's output capture: a skip must be seen.
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (SHMETRICS_TEST_NO_MOUNT=1)");
+            return None;
+        }
+        panic!(
+            "{test} needs a tmpfs: {why}. Run the tests as root, or set SHMETRICS_TEST_NO_MOUNT=1 to skip it"
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process of a failed test may still hold a file there.
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
 /// A parsed HTTP response.
 #[derive(Debug)]
 pub struct Response {
