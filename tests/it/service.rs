@@ -233,19 +233,7 @@ fn supervisord_runs_the_program_and_its_listener() {
     let snippet = replace(&snippet, "directory = /srv/myapp", &format!("directory = {}", d.display()));
     let snippet = replace(&snippet, "/var/log/supervisor", s(d));
     let conf = d.join("supervisord.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[unix_http_server]\nfile = {d}/supervisor.sock\n\n\
-             [supervisord]\nlogfile = {d}/supervisord.log\npidfile = {d}/supervisord.pid\n\
-             childlogdir = {d}\nnodaemon = true\n\n\
-             [rpcinterface:supervisor]\n\
-             supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
-             [supervisorctl]\nserverurl = unix://{d}/supervisor.sock\n\n{snippet}",
-            d = d.display()
-        ),
-    )
-    .expect("supervisord.conf");
+    std::fs::write(&conf, format!("{}{snippet}", util::supervisord_sections(d))).expect("supervisord.conf");
     let mut sup = Proc {
         child: Command::new("supervisord")
             .args(["-n", "-c"])

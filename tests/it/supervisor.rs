@@ -313,12 +313,7 @@ fn real_supervisord_crash_and_fatal_reach_the_actions() {
     std::fs::write(
         &conf,
         format!(
-            "[unix_http_server]\nfile = {d}/supervisor.sock\n\n\
-             [supervisord]\nlogfile = {d}/supervisord.log\npidfile = {d}/supervisord.pid\n\
-             childlogdir = {d}\nloglevel = debug\nnodaemon = true\n\n\
-             [rpcinterface:supervisor]\n\
-             supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
-             [supervisorctl]\nserverurl = unix://{d}/supervisor.sock\n\n\
+            "{base}\
              [eventlistener:shm]\ncommand = {bin} supervisor-listener --config {alarms}\n\
              events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,TICK_5\n\
              environment = SHMETRICS_LOG=\"debug\",NO_COLOR=\"1\"\n\
@@ -331,6 +326,7 @@ fn real_supervisord_crash_and_fatal_reach_the_actions() {
             bin = util::shmetrics_bin().display(),
             alarms = alarms.display(),
             flag = flag.display(),
+            base = util::supervisord_sections(d),
         ),
     )
     .expect("supervisord.conf");

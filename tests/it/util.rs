@@ -505,3 +505,17 @@ pub fn reopen_aggregator(dir: &Path) -> shmetrics::aggregator::Aggregator {
         }
     })
 }
+
+/// The sections of a supervisord.conf that runs in `d` (socket, log, pid file, child logs there;
+/// debug log level; in the foreground) and that `supervisorctl -c` can talk to: add programs.
+pub fn supervisord_sections(d: &Path) -> String {
+    format!(
+        "[unix_http_server]\nfile = {d}/supervisor.sock\n\n\
+         [supervisord]\nlogfile = {d}/supervisord.log\npidfile = {d}/supervisord.pid\n\
+         childlogdir = {d}\nloglevel = debug\nnodaemon = true\n\n\
+         [rpcinterface:supervisor]\n\
+         supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+         [supervisorctl]\nserverurl = unix://{d}/supervisor.sock\n\n",
+        d = d.display()
+    )
+}
