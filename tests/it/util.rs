@@ -112,32 +112,44 @@ pub fn spawn_shmetrics(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> S
     let stderr = child.stderr.take().expect("stderr");
     std::fs::create_dir_all(log_dir).expect("log dir");
     let log = log_dir.join(format!("shmetrics-{}.log", child.id()));
+    // What stderr says before "serving http://ADDR/": the address, or the lines that mention an
+    // error (kept for the message if it never serves), or the end (it exited). An error line
+    // alone is not a failed start: a pusher or a poller may log one before the line is printed.
+    enum Said {
+        Serving(String),
+        Error(String),
+        Exited,
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let log_path = log.clone();
     std::thread::spawn(move || {
         let mut out = std::fs::File::create(&log_path).expect("log file");
-        let mut sent = false;
+        let mut serving = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = writeln!(out, "{line}");
-            if !sent {
+            if !serving {
                 if let Some(rest) = line.split("serving http://").nth(1) {
-                    let addr = rest.split('/').next().unwrap_or("").to_string();
-                    let _ = tx.send(Ok(addr));
-                    sent = true;
+                    let _ = tx.send(Said::Serving(rest.split('/').next().unwrap_or("").to_string()));
+                    serving = true;
                 } else if line.contains("error") {
-                    let _ = tx.send(Err(line.clone()));
-                    sent = true;
+                    let _ = tx.send(Said::Error(line.clone()));
                 }
             }
         }
-        if !sent {
-            let _ = tx.send(Err("exited before serving".into()));
+        if !serving {
+            let _ = tx.send(Said::Exited);
         }
     });
-    let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Ok(a)) => a.parse().expect("addr"),
-        Ok(Err(e)) => panic!("shmetrics did not start: {e}"),
-        Err(_) => panic!("shmetrics did not start within 20 s"),
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut errors = Vec::new();
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Said::Serving(a)) => break a.parse().expect("addr"),
+            Ok(Said::Error(line)) => errors.push(line),
+            Ok(Said::Exited) => panic!("shmetrics did not start: it exited: {}", errors.join("\n")),
+            Err(_) => panic!("shmetrics did not start within 20 s: {}", errors.join("\n")),
+        }
     };
     Served { proc, addr, log }
 }
