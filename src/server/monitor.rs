@@ -94,6 +94,9 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// At most one "too many connections" (or eviction) warning in the log per this period.
 const REJECT_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// How long an evicted connection's last line may take to write (it fits in any socket buffer:
+/// only a client whose buffer is full of unread replies waits that long).
+const EVICTED_WRITE: Duration = Duration::from_millis(200);
 /// Told to a connection closed to make room, when it was waiting for a command line.
 const EVICTED: &str = "Error: closed to make room for new connections (too many open); \
                        send the command right after connecting\n";
@@ -397,8 +400,10 @@ async fn connection(mut stream: TcpStream, ctx: Context, mut stop: watch::Receiv
                 format!("Error: no complete command line within {} s; closing\n", limit.as_secs())
             }
             Read::Evicted => {
-                // Best effort, never waiting: the client may not read at all.
-                let _ = stream.try_write(EVICTED.as_bytes());
+                // Best effort, briefly: the client may not read at all. (Not `try_write`: it
+                // writes only once tokio's reactor has seen the socket writable, and under load
+                // it may not have yet, so the line was lost and the client saw a bare close.)
+                let _ = tokio::time::timeout(EVICTED_WRITE, stream.write_all(EVICTED.as_bytes())).await;
                 return;
             }
             // The client went away (or we are stopping) before ending its line: nothing runs.
