@@ -173,17 +173,6 @@ fn counter_name(name: &str) -> &str {
     name.strip_suffix("_total").filter(|n| !n.is_empty()).unwrap_or(name)
 }
 
-/// A float as TOML writes it, for messages.
-fn toml_number(x: f64) -> String {
-    if x.is_nan() {
-        "nan".into()
-    } else if x.is_infinite() {
-        if x > 0.0 { "inf" } else { "-inf" }.into()
-    } else {
-        format!("{x}")
-    }
-}
-
 impl TryFrom<RawSpec> for MetricSpec {
     type Error = String;
 
@@ -205,9 +194,10 @@ impl TryFrom<RawSpec> for MetricSpec {
         }
         let finite = |key: &str, v: Option<f64>| -> Result<Option<f64>, String> {
             match v {
-                Some(x) if !x.is_finite() => {
-                    Err(format!("{at}: {key} = {} is not allowed: write a finite number", toml_number(x)))
-                }
+                Some(x) if !x.is_finite() => Err(format!(
+                    "{at}: {key} = {} is not allowed: write a finite number",
+                    crate::parsed::toml_float(x)
+                )),
                 v => Ok(v),
             }
         };
@@ -864,10 +854,6 @@ mod tests {
         Engine::new(load(text).unwrap_or_else(|e| panic!("{e}\n{text}")))
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> Arc<LabelSet> {
-        Arc::new(LabelSet::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
-    }
-
     /// A family of the merged view: name, type, and series (label pairs, value).
     fn fam(name: &str, t: MetricType, series: Vec<(&[(&str, &str)], Value)>) -> SnapFamily {
         let names: Vec<&str> =
@@ -875,7 +861,7 @@ mod tests {
         let v = if t == MetricType::Counter { ValueType::U64 } else { ValueType::F64 };
         SnapFamily {
             meta: FamilyMeta::own(name, "", t, v, &names),
-            series: series.into_iter().map(|(l, v)| (labels(l), v)).collect(),
+            series: series.into_iter().map(|(l, v)| (LabelSet::shared(l), v)).collect(),
         }
     }
 

@@ -68,6 +68,12 @@ impl LabelSet {
         LabelSet { pairs, text, bounds: Vec::new() }
     }
 
+    /// A shared label set from borrowed pairs, for the series the aggregator makes itself
+    /// (sources, pollsters, derived metrics).
+    pub(crate) fn shared(pairs: &[(&str, &str)]) -> Arc<LabelSet> {
+        Arc::new(LabelSet::new(pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
+    }
+
     /// A histogram's buckets as exposed: (upper bound, `None` for `+Inf`; cumulative count). The
     /// one place counts accumulate (wrapping, as the counters themselves do), for every encoder,
     /// `dump` and the threshold rules.

@@ -97,8 +97,8 @@ impl std::fmt::Display for Seconds {
     }
 }
 
-/// A float as TOML writes it (`nan`, `inf`, `-inf`, `1e20`).
-fn toml_float(x: f64) -> String {
+/// A float as TOML writes it (`nan`, `inf`, `-inf`, `1e20`), for messages.
+pub(crate) fn toml_float(x: f64) -> String {
     if x.is_nan() {
         "nan".into()
     } else if x.is_infinite() {

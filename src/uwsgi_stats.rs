@@ -425,16 +425,12 @@ fn worker_values(w: &Worker) -> [Value; 19] {
 /// Series of one poller, by index into [`DEFS`].
 type Series = Vec<Vec<(Arc<LabelSet>, Value)>>;
 
-fn labels(pairs: &[(&str, &str)]) -> Arc<LabelSet> {
-    Arc::new(LabelSet::new(pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
-}
-
 /// The series of one good reply (without `uwsgi_up` and the poller's own counters), labelled
 /// `stats="<name>"`. Workers with id 0 (uWSGI's stand-by slots in cheaper mode) are left out, as
 /// uwsgi_exporter does; of workers, sockets and caches listed twice, the first one counts.
 fn convert(stats: &Stats, name: &str) -> Series {
     let mut out: Series = DEFS.iter().map(|_| Vec::new()).collect();
-    let top = labels(&[("stats", name)]);
+    let top = LabelSet::shared(&[("stats", name)]);
     let mut put = |i: usize, l: &Arc<LabelSet>, v: Value| out[i].push((Arc::clone(l), v));
     let workers: Vec<&Worker> = {
         let mut seen = HashSet::new();
@@ -446,20 +442,20 @@ fn convert(stats: &Stats, name: &str) -> Series {
     put(WORKERS, &top, Value::F64(workers.len() as f64));
     let mut seen = HashSet::new();
     for s in stats.sockets.iter().filter(|s| seen.insert((&s.name.0, &s.proto.0))) {
-        let l = labels(&[("stats", name), ("name", &s.name.0), ("proto", &s.proto.0)]);
+        let l = LabelSet::shared(&[("stats", name), ("name", &s.name.0), ("proto", &s.proto.0)]);
         for (i, n) in [s.queue, s.max_queue, s.shared, s.can_offload].into_iter().enumerate() {
             put(SOCKET_FIRST + i, &l, Value::F64(n.f64()));
         }
     }
     for w in workers {
-        let l = labels(&[("stats", name), ("worker_id", &w.id.u64().to_string())]);
+        let l = LabelSet::shared(&[("stats", name), ("worker_id", &w.id.u64().to_string())]);
         for (i, v) in worker_values(w).into_iter().enumerate() {
             put(WORKER_FIRST + i, &l, v);
         }
     }
     let mut seen = HashSet::new();
     for cache in stats.caches.iter().filter(|c| seen.insert(&c.name.0)) {
-        let l = labels(&[("stats", name), ("name", &cache.name.0)]);
+        let l = LabelSet::shared(&[("stats", name), ("name", &cache.name.0)]);
         let counters = [cache.hits, cache.misses, cache.full].map(|n| Value::U64(n.u64()));
         let gauges = [cache.items, cache.max_items].map(|n| Value::F64(n.f64()));
         for (i, v) in counters.into_iter().chain(gauges).enumerate() {
@@ -749,7 +745,7 @@ impl Pollers {
                 Some(p) => self.spawn(spec.clone(), Arc::clone(&p.shared)),
                 None => {
                     let shared = Arc::new(Shared {
-                        label: labels(&[("stats", spec.label())]),
+                        label: LabelSet::shared(&[("stats", spec.label())]),
                         errors: AtomicU64::new(0),
                         polls: AtomicU64::new(0),
                         last: Mutex::new(None),

@@ -505,16 +505,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Arc<LabelSet> {
-    Arc::new(LabelSet::new(pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
-}
-
 impl Shared {
     fn new(url: &str) -> Shared {
         Shared {
             created: Instant::now(),
-            url: labels(&[("url", url)]),
-            results: Outcome::ALL.iter().map(|o| labels(&[("url", url), ("result", o.as_str())])).collect(),
+            url: LabelSet::shared(&[("url", url)]),
+            results: Outcome::ALL
+                .iter()
+                .map(|o| LabelSet::shared(&[("url", url), ("result", o.as_str())]))
+                .collect(),
             counts: Mutex::new(Counts::default()),
         }
     }

@@ -14,11 +14,6 @@ use std::sync::Arc;
 use crate::layout::{MetricType, ValueType};
 use crate::merge::{FamilyMeta, LabelSet, SnapFamily, Value};
 
-/// A label set from its pairs, in the family's label order.
-pub(crate) fn labels(pairs: &[(&str, &str)]) -> Arc<LabelSet> {
-    Arc::new(LabelSet::new(pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()))
-}
-
 /// One family being filled: its description and its series.
 pub(crate) struct Fam {
     name: String,
@@ -46,7 +41,7 @@ impl Fam {
     /// Adds a series; `values` are the label values, in the order of the family's label names.
     pub(crate) fn push(&mut self, values: &[&str], v: f64) {
         let pairs: Vec<(&str, &str)> = self.label_names.iter().copied().zip(values.iter().copied()).collect();
-        self.series.push((labels(&pairs), Value::F64(v)));
+        self.series.push((LabelSet::shared(&pairs), Value::F64(v)));
     }
 
     /// The family, if it has a series.

@@ -57,11 +57,11 @@ mod tests {
     use super::*;
     use crate::layout::ValueType;
     use crate::merge::FamilyMeta;
-    use crate::pollsters::families::labels;
+    use crate::merge::LabelSet;
 
     fn fams(t: MetricType, v: f64) -> Vec<SnapFamily> {
         let meta = FamilyMeta::own("node_x", "x", t, ValueType::F64, &["cpu"]);
-        vec![SnapFamily { meta, series: vec![(labels(&[("cpu", "0")]), Value::F64(v))] }]
+        vec![SnapFamily { meta, series: vec![(LabelSet::shared(&[("cpu", "0")]), Value::F64(v))] }]
     }
 
     fn run(m: &mut Monotonic, t: MetricType, v: f64) -> f64 {

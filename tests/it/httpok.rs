@@ -70,12 +70,6 @@ os.replace(pidfile + ".tmp", pidfile)
 server.serve_forever()
 "#;
 
-/// A port nothing listens on now (bound, then closed).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 struct Setup {
     tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -102,7 +96,7 @@ fn setup() -> Setup {
         pidfile: p("app.pid"),
         alarms: p("alarms.txt"),
         config: p("shmetrics.toml"),
-        port: free_port(),
+        port: util::free_port(),
         tmp,
     };
     std::fs::write(&s.control, "").expect("control");
@@ -246,7 +240,7 @@ fn a_hung_application_under_run_gets_the_signal_once_within_grace() {
 fn a_refused_connection_signals_the_pid_files_process_under_serve() {
     let s = setup();
     // The application listens on its own port; the URL names one where nobody listens (yet).
-    let app_port = free_port();
+    let app_port = util::free_port();
     let mut app_args = s.app_args();
     app_args[2] = app_port.to_string();
     let app = util::Proc {

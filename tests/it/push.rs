@@ -19,13 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{http_get, samples, scrape, spawn_shmetrics, wait_for, workload, Proc, Served};
+use crate::util::{self, http_get, samples, scrape, spawn_shmetrics, wait_for, workload, Proc, Served};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -119,7 +115,7 @@ fn statsd_on(tmp: &Path, port: u16) -> Statsd {
          or set SHMETRICS_TEST_STATSD to its stats.js",
         js.display()
     );
-    let mgmt = free_tcp_port();
+    let mgmt = util::free_port();
     // A flush once an hour: counters add up until the test reads them.
     let conf = tmp.join("statsd.js");
     let text = format!(
@@ -279,8 +275,8 @@ fn carbon(root: &Path, port: u16) -> Carbon {
          LINE_RECEIVER_INTERFACE = 127.0.0.1\nLINE_RECEIVER_PORT = {port}\nENABLE_UDP_LISTENER = False\n\
          PICKLE_RECEIVER_INTERFACE = 127.0.0.1\nPICKLE_RECEIVER_PORT = {}\n\
          CACHE_QUERY_INTERFACE = 127.0.0.1\nCACHE_QUERY_PORT = {}\nLOG_LISTENER_CONN_SUCCESS = False\n",
-        free_tcp_port(),
-        free_tcp_port()
+        util::free_port(),
+        util::free_port()
     );
     std::fs::write(conf.join("carbon.conf"), text).expect("carbon.conf");
     std::fs::write(conf.join("storage-schemas.conf"), "[all]\npattern = .*\nretentions = 1s:1h\n")
@@ -317,7 +313,7 @@ fn now() -> u64 {
 /// the current values arrive, exactly, under the prefix, labels as name parts.
 #[test]
 fn carbon_down_counts_errors_then_gets_the_exact_values_once_up() {
-    let port = free_tcp_port();
+    let port = util::free_port();
     let s = setup(&format!(
         "[[push]]\ntype = \"carbon\"\nname = \"gr\"\naddress = \"127.0.0.1:{port}\"\nprefix = \"shm.web1\"\nfreq_seconds = 0.2\ntimeout_seconds = 2\n"
     ));
@@ -358,7 +354,7 @@ struct Influx {
 
 fn influx(root: &Path) -> Influx {
     let bin = require("influxd", "apt-get install influxdb");
-    let (http, udp, rpc) = (free_tcp_port(), free_udp_port(), free_tcp_port());
+    let (http, udp, rpc) = (util::free_port(), free_udp_port(), util::free_port());
     let r = root.display();
     std::fs::create_dir_all(root).expect("influx dir");
     let conf = root.join("influxdb.conf");
