@@ -531,3 +531,17 @@ pub fn supervisord_sections(d: &Path) -> String {
         d = d.display()
     )
 }
+
+/// [`spawn_shmetrics`] waits for "serving" past lines that mention an error: the aggregator logs
+/// its directory before serving, and a directory named `error-reports` (or a pusher whose
+/// receiver is down at start) put "error" in a line before it, which used to count as a failed
+/// start.
+#[test]
+fn spawn_waits_for_serving_past_lines_that_mention_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("error-reports");
+    let served = spawn_shmetrics(&["serve", "--dir", dir.to_str().expect("utf-8")], &[], tmp.path());
+    let log = std::fs::read_to_string(&served.log).expect("log");
+    assert!(log.lines().next().is_some_and(|l| l.contains("error-reports")), "{log}");
+    assert_eq!(http_get(served.addr, "/healthz", &[]).status, 503);
+}
