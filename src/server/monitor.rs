@@ -400,9 +400,8 @@ async fn connection(mut stream: TcpStream, ctx: Context, mut stop: watch::Receiv
                 format!("Error: no complete command line within {} s; closing\n", limit.as_secs())
             }
             Read::Evicted => {
-                // Best effort, briefly: the client may not read at all. (Not `try_write`: it
-                // writes only once tokio's reactor has seen the socket writable, and under load
-                // it may not have yet, so the line was lost and the client saw a bare close.)
+                // Best effort, briefly: the client may not read at all. (Not `try_write`, which
+                // gives up whenever tokio's readiness for the socket is not set.)
                 let _ = tokio::time::timeout(EVICTED_WRITE, stream.write_all(EVICTED.as_bytes())).await;
                 return;
             }
@@ -787,6 +786,32 @@ fn split(line: &[u8]) -> Vec<Token> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection evicted before it ever ran (a fresh one, on a runtime that has not polled it
+    /// yet) is told so, then closed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_evicted_connection_is_told_even_before_the_reactor_saw_it() {
+        use std::io::Read;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let options = crate::aggregator::Options::default();
+        let agg = crate::aggregator::Aggregator::open(&tmp.path().join("m"), &options).expect("open");
+        let job = crate::job::Job::new(agg, Duration::from_secs(3600));
+        let health = crate::health::HealthConfig { min_workers: 1, warmup_url: None };
+        let state = State::new(job, health, crate::report::ProcessMetrics::All, None, None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let slots = Slots::new(1);
+        let Admit::Free(old) = slots.admit() else { panic!("a free slot") };
+        let Admit::Evicted(_newcomer) = slots.admit() else { panic!("an eviction") };
+        let ctx = Context { state, measuring: Arc::new(Semaphore::new(1)), slots: Arc::clone(&slots) };
+        let (_stop_tx, stop) = watch::channel(false);
+        connection(stream, ctx, stop, old).await;
+        client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = String::new();
+        client.read_to_string(&mut got).expect("read");
+        assert_eq!(got, EVICTED);
+    }
 
     fn words(line: &[u8]) -> Vec<String> {
         split(line).iter().map(Token::repr).collect()
