@@ -94,9 +94,6 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// At most one "too many connections" (or eviction) warning in the log per this period.
 const REJECT_LOG_PERIOD: Duration = Duration::from_secs(10);
-/// How long an evicted connection's last line may take to write (it fits in any socket buffer:
-/// only a client whose buffer is full of unread replies waits that long).
-const EVICTED_WRITE: Duration = Duration::from_millis(200);
 /// Told to a connection closed to make room, when it was waiting for a command line.
 const EVICTED: &str = "Error: closed to make room for new connections (too many open); \
                        send the command right after connecting\n";
@@ -400,9 +397,8 @@ async fn connection(mut stream: TcpStream, ctx: Context, mut stop: watch::Receiv
                 format!("Error: no complete command line within {} s; closing\n", limit.as_secs())
             }
             Read::Evicted => {
-                // Best effort, briefly: the client may not read at all. (Not `try_write`, which
-                // gives up whenever tokio's readiness for the socket is not set.)
-                let _ = tokio::time::timeout(EVICTED_WRITE, stream.write_all(EVICTED.as_bytes())).await;
+                // Best effort, never waiting: the client may not read at all.
+                let _ = stream.try_write(EVICTED.as_bytes());
                 return;
             }
             // The client went away (or we are stopping) before ending its line: nothing runs.
@@ -790,7 +786,7 @@ mod tests {
     /// A connection evicted before it ever ran (a fresh one, on a runtime that has not polled it
     /// yet) is told so, then closed.
     #[tokio::test(flavor = "current_thread")]
-    async fn an_evicted_connection_is_told_even_before_the_reactor_saw_it() {
+    async fn an_evicted_connection_is_told_before_it_is_closed() {
         use std::io::Read;
         let tmp = tempfile::tempdir().expect("tempdir");
         let options = crate::aggregator::Options::default();

@@ -419,8 +419,8 @@ fn slow_client_times_out() {
 const EVICTED: &str =
     "Error: closed to make room for new connections (too many open); send the command right after connecting\n";
 
-/// `Some(bytes received)` once the server has closed `s`, `None` while it is open (reads what is
-/// there without waiting).
+/// `Some(bytes received)` once the server has closed `s`, `None` while it is open and silent (reads
+/// what is there without waiting; once something came, up to the close that follows it).
 fn closed(s: &mut TcpStream) -> Option<Vec<u8>> {
     s.set_nonblocking(true).expect("nonblocking");
     let mut got = Vec::new();
@@ -429,7 +429,15 @@ fn closed(s: &mut TcpStream) -> Option<Vec<u8>> {
         match s.read(&mut buf) {
             Ok(0) => break Some(got),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+            // Nothing yet: still open. (Something, but not the end yet: the server closes right
+            // after its last line, so wait for the end; returning `None` here would drop what
+            // was read, and the next call would see a bare close.)
+            Err(e) if e.kind() == ErrorKind::WouldBlock && got.is_empty() => break None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                s.set_nonblocking(false).expect("blocking");
+                let _ = s.read_to_end(&mut got);
+                break Some(got);
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionReset => break Some(got),
             Err(e) => panic!("read: {e}"),
         }
